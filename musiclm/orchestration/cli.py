@@ -1,0 +1,281 @@
+"""The ``musiclm`` command line: one sub-command per step of the data flow.
+
+    corpus demo → prepare (audio shards) → train tokenizers → fit (k-means, MuLan RVQ)
+    → tokenize (token shards) → train stages → generate / serve;  demo runs them all.
+
+Heavy libraries are imported inside each command so that ``musiclm --help`` is instant.
+User mistakes (a missing folder, a checkpoint of another preset, a folder without shards) end
+in one ``error:`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("semantic", "coarse", "fine")
+TOKENIZER_COMPONENTS = ("soundstream", "w2vbert", "mulan")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'bad input', not 'bug'. Imported lazily: they live in heavy modules."""
+    from musiclm.checkpoint import CheckpointError
+
+    errors: list[type[BaseException]] = [UserError, CheckpointError, FileNotFoundError]
+    try:
+        from musiclm.audio import AudioError
+
+        errors.append(AudioError)
+    except ImportError:
+        pass
+    try:
+        from musiclm.data.shards import ShardError
+
+        errors.append(ShardError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from musiclm.data.demo_corpus import generate_corpus
+
+    if args.clips <= 0 or args.seconds <= 0:
+        raise UserError("--clips and --seconds must be positive")
+    clips = generate_corpus(args.out_dir, clips=args.clips, seconds=args.seconds, seed=args.seed)
+    print(f"wrote {len(clips)} clips of {args.seconds:g} s and captions.jsonl to {args.out_dir}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from musiclm.pipelines.prepare_audio import run_prepare_audio
+
+    stats = run_prepare_audio(
+        args.inputs, args.out, captions=args.captions, window_seconds=args.window_seconds, beam_args=beam_args
+    )
+    _print_job_stats(stats, args.out)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from musiclm.pipelines.tokenize import run_tokenize
+
+    _require_dir(args.tokenizers, "--tokenizers")
+    stats = run_tokenize(args.inputs, args.out, args.tokenizers, captions=args.captions, beam_args=beam_args)
+    _print_job_stats(stats, args.out)
+    return 0
+
+
+def _print_job_stats(stats: dict, out: str) -> None:
+    keys = ("files_in", "files_ok", "files_dead", "windows", "audio_seconds", "wall_seconds")
+    summary = ", ".join(f"{k}={stats[k]:.4g}" if isinstance(stats.get(k), float) else f"{k}={stats.get(k)}" for k in keys if k in stats)
+    print(f"done: {summary}; shards, manifest.json, dead_letter.jsonl and stats.json in {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from musiclm.training.runner import train
+
+    _require_dir(args.data, "--data")
+    result = train(
+        args.component,
+        args.data,
+        args.out,
+        preset=args.preset,
+        workers=args.workers,
+        use_gpu=args.use_gpu,
+        address=args.address,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        log_every=args.log_every,
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from musiclm.training.fitting import fit_component
+
+    _require_dir(args.data, "--data")
+    _require_dir(args.tokenizers, "--tokenizers")
+    out = fit_component(args.what, args.data, args.tokenizers, max_windows=args.max_windows)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from musiclm.audio import write_wav
+    from musiclm.generation.cascade import Cascade
+
+    _require_dir(args.checkpoints, "--checkpoints")
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    if args.seconds <= 0:
+        raise UserError("--seconds must be positive")
+    temperatures = {k: v for k, v in (("semantic", args.t_semantic), ("coarse", args.t_coarse), ("fine", args.t_fine)) if v is not None}
+    cascade = Cascade.load(args.checkpoints)
+    start = time.perf_counter()
+    wav = cascade.generate(args.prompt, seconds=args.seconds, seed=args.seed, temperatures=temperatures or None)
+    elapsed = time.perf_counter() - start
+    write_wav(args.out, wav, cascade.sample_rate)
+    seconds = len(wav) / cascade.sample_rate
+    print(f"wrote {args.out}: {seconds:.2f} s of audio in {elapsed:.2f} s (real-time factor {elapsed / seconds:.2f})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from musiclm.orchestration.serve import ServeConfig, run_server
+
+    _require_dir(args.checkpoints, "--checkpoints")
+    config = ServeConfig(checkpoints=args.checkpoints, host=args.host, port=args.port, max_seconds=args.max_seconds)
+    if args.address:
+        config.address = args.address
+    run_server(config, blocking=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from musiclm.orchestration.demo import DemoConfig, run_demo
+
+    config = DemoConfig(workdir=Path(args.workdir), clips=args.clips, seconds=args.seconds, seed=args.seed)
+    report = run_demo(config)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from musiclm.orchestration.describe import describe, format_description
+
+    info = describe(args.preset)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def _require_dir(path: str, flag: str) -> None:
+    if "://" in str(path):
+        return  # remote URLs are checked by the job that opens them
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such folder")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musiclm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    corpus = sub.add_parser("corpus", help="make a corpus (a procedural demo corpus)")
+    corpus_sub = corpus.add_subparsers(dest="corpus_kind", required=True, metavar="KIND")
+    demo_corpus = corpus_sub.add_parser("demo", help="deterministic procedural music with captions")
+    demo_corpus.add_argument("out_dir")
+    demo_corpus.add_argument("--clips", type=int, default=200)
+    demo_corpus.add_argument("--seconds", type=float, default=10.0)
+    demo_corpus.add_argument("--seed", type=int, default=0)
+
+    beam_help = "any further options (--runner DataflowRunner --project ... ) go to Beam unchanged"
+    prepare = sub.add_parser("prepare", help="Beam job: crop and resample audio into FLAC audio shards", epilog=beam_help)
+    prepare.add_argument("inputs", nargs="+", help="files, folders or globs; local or any fsspec URL")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--captions", help="captions.jsonl or a MusicCaps CSV")
+    prepare.add_argument("--window-seconds", type=float, default=10.0)
+
+    tokenize = sub.add_parser("tokenize", help="Beam job: audio → acoustic, semantic and MuLan token shards", epilog=beam_help)
+    tokenize.add_argument("inputs", nargs="+", help="files, folders or globs; local or any fsspec URL")
+    tokenize.add_argument("--out", required=True)
+    tokenize.add_argument("--tokenizers", required=True, help="checkpoint folder holding the trained tokenizers")
+    tokenize.add_argument("--captions", help="captions.jsonl or a MusicCaps CSV")
+
+    train = sub.add_parser("train", help="train a tokenizer or a stage with Ray Train")
+    train.add_argument("component", choices=[*TOKENIZER_COMPONENTS, *STAGES])
+    train.add_argument("--data", required=True, help="audio shards (tokenizers) or token shards (stages)")
+    train.add_argument("--out", required=True, help="checkpoint folder of this component")
+    train.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    train.add_argument("--workers", type=int, default=1)
+    train.add_argument("--use-gpu", action="store_true")
+    train.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--log-every", type=int, default=10)
+
+    fit = sub.add_parser("fit", help="fit the semantic k-means or MuLan's RVQ on audio shards")
+    fit.add_argument("what", choices=["semantic_kmeans", "mulan_rvq"])
+    fit.add_argument("--data", required=True, help="audio shards")
+    fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/ and mulan/")
+    fit.add_argument("--max-windows", type=int, default=2000)
+
+    generate = sub.add_parser("generate", help="text → music with the trained cascade")
+    generate.add_argument("prompt")
+    generate.add_argument("--checkpoints", required=True)
+    generate.add_argument("--seconds", type=float, default=10.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="musiclm.wav")
+    generate.add_argument("--t-semantic", type=float)
+    generate.add_argument("--t-coarse", type=float)
+    generate.add_argument("--t-fine", type=float)
+
+    serve = sub.add_parser("serve", help="host the cascade with Ray Serve over HTTP")
+    serve.add_argument("--checkpoints", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-seconds", type=float, default=30.0)
+    serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+
+    demo = sub.add_parser("demo", help="the whole pipeline once on a generated corpus, with a report")
+    demo.add_argument("--workdir", default="musiclm-demo")
+    demo.add_argument("--clips", type=int, default=None, help="clips in the training corpus")
+    demo.add_argument("--seconds", type=float, default=10.0)
+    demo.add_argument("--seed", type=int, default=0)
+
+    describe = sub.add_parser("describe", help="configuration, parameter counts and token rates of a preset")
+    describe.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    describe.add_argument("--json", action="store_true")
+    return parser
+
+
+BEAM_COMMANDS = {"prepare", "tokenize"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BEAM_COMMANDS:
+        args, beam_args = parser.parse_known_args(argv)
+    else:
+        args, beam_args = parser.parse_args(argv), []
+    handlers = {
+        "corpus": cmd_corpus,
+        "prepare": lambda a: cmd_prepare(a, beam_args),
+        "tokenize": lambda a: cmd_tokenize(a, beam_args),
+        "train": cmd_train,
+        "fit": cmd_fit,
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+        "demo": cmd_demo,
+        "describe": cmd_describe,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
