@@ -48,10 +48,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from musiclm.data.demo_corpus import generate_corpus
-
     if args.clips <= 0 or args.seconds <= 0:
         raise UserError("--clips and --seconds must be positive")
+    from musiclm.data.demo_corpus import generate_corpus
+
     clips = generate_corpus(args.out_dir, clips=args.clips, seconds=args.seconds, seed=args.seed)
     print(f"wrote {len(clips)} clips of {args.seconds:g} s and captions.jsonl to {args.out_dir}")
     return 0
@@ -68,9 +68,9 @@ def cmd_prepare(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace, beam_args: list[str]) -> int:
+    _require_dir(args.tokenizers, "--tokenizers")
     from musiclm.pipelines.tokenize import run_tokenize
 
-    _require_dir(args.tokenizers, "--tokenizers")
     stats = run_tokenize(args.inputs, args.out, args.tokenizers, captions=args.captions, beam_args=beam_args)
     _print_job_stats(stats, args.out)
     return 0
@@ -83,9 +83,9 @@ def _print_job_stats(stats: dict, out: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _require_dir(args.data, "--data")
     from musiclm.training.runner import train
 
-    _require_dir(args.data, "--data")
     result = train(
         args.component,
         args.data,
@@ -103,10 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from musiclm.training.fitting import fit_component
-
     _require_dir(args.data, "--data")
     _require_dir(args.tokenizers, "--tokenizers")
+    from musiclm.training.fitting import fit_component
+
     out = fit_component(args.what, args.data, args.tokenizers, max_windows=args.max_windows)
     print(f"wrote {out}")
     return 0
@@ -115,14 +115,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from musiclm.audio import write_wav
-    from musiclm.generation.cascade import Cascade
-
     _require_dir(args.checkpoints, "--checkpoints")
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
     if args.seconds <= 0:
         raise UserError("--seconds must be positive")
+    from musiclm.audio import write_wav
+    from musiclm.generation.cascade import Cascade
+
     temperatures = {k: v for k, v in (("semantic", args.t_semantic), ("coarse", args.t_coarse), ("fine", args.t_fine)) if v is not None}
     cascade = Cascade.load(args.checkpoints)
     start = time.perf_counter()
@@ -135,9 +135,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _require_dir(args.checkpoints, "--checkpoints")
     from musiclm.orchestration.serve import ServeConfig, run_server
 
-    _require_dir(args.checkpoints, "--checkpoints")
     config = ServeConfig(checkpoints=args.checkpoints, host=args.host, port=args.port, max_seconds=args.max_seconds)
     if args.address:
         config.address = args.address
