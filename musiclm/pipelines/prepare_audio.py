@@ -1,0 +1,399 @@
+"""Beam job: a raw audio corpus -> FLAC audio shards (24 kHz mono crops) for tokenizer training.
+
+    Create(uris) -> ReadAndValidate -> CropWindows -> MakeAudioSample -> AssignShard -> GroupByKey -> WriteShard
+                         |  dead letters (per file, before any batching)                                  |
+                         +-----------------------------> dead_letter.jsonl          manifest.json  <------+
+
+This module also holds the pieces both Beam jobs share (input expansion, per-file validation
+with tagged dead-letter output, windowing, deterministic shard writing, the finishing files);
+``musiclm.pipelines.tokenize`` plugs its Tokenize step into the same skeleton.
+
+Why this shape (see DESIGN.md, "Facts checked"): every file is decoded and validated in its own
+ParDo, so one corrupt file never takes good neighbours into the dead letters (as a batched
+``RunInference(...).with_exception_handling()`` would); shards are assigned from the sample key
+and written by our own DoFn (temporary name, then rename; skipped when the bytes are already
+there) because ``WriteToFiles(shards=N)`` is ignored on local runners.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+from musiclm.constants import SAMPLE_RATE, SHARD_SCHEMA_VERSION
+from musiclm.data import shards as sh
+from musiclm.pipelines.options import build_pipeline_options, is_local_runner
+from musiclm.pipelines.progress import ProgressMonitor, record_progress
+
+NAMESPACE = "musiclm"
+DEAD = "dead"  # tag of the dead-letter outputs
+
+AUDIO_EXTENSIONS = (
+    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".caf", ".w64",
+)
+_GLOB_CHARS = set("*?[")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files, folders (searched recursively for audio extensions) and glob patterns, on any fsspec URL,
+    as a sorted, de-duplicated list of URIs.
+
+    A file named explicitly is kept even when it does not exist: it then lands in the dead letters
+    with "file not found", so every input the user gave is accounted for. Raises ValueError when
+    nothing at all is found (a wrong folder is a user mistake, not an empty corpus).
+    """
+    found: set[str] = set()
+    for item in inputs:
+        text = str(item)
+        fs, path = fsspec.core.url_to_fs(text)
+        local = sh.is_local_url(text)
+
+        def uri(p: str, fs: fsspec.AbstractFileSystem = fs, local: bool = local) -> str:
+            return p if local else fs.unstrip_protocol(p)
+
+        if fs.isfile(path):
+            found.add(uri(path))
+        elif fs.isdir(path):
+            found.update(uri(p) for p in fs.find(path) if p.lower().endswith(AUDIO_EXTENSIONS))
+        elif any(c in _GLOB_CHARS for c in path):
+            for match in fs.glob(path):
+                if fs.isdir(match):
+                    found.update(uri(p) for p in fs.find(match) if p.lower().endswith(AUDIO_EXTENSIONS))
+                else:
+                    found.add(uri(match))
+        else:
+            found.add(uri(path))  # missing: kept, so that it is reported in the dead letters
+    if not found:
+        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) found in {list(inputs)}")
+    return sorted(found)
+
+
+def default_num_shards(num_files: int) -> int:
+    """At least 4 shards (so training workers x loader workers each get some), one more per 50 files."""
+    return max(4, math.ceil(num_files / 50))
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def caption_lookup(captions_path: str | None) -> Callable[[str], tuple[str, list[str]]]:
+    """uri -> (caption, aspects) from a captions file (``musiclm.data.captions``); ("", []) without one."""
+    if not captions_path:
+        return lambda uri: ("", [])
+    from musiclm.data.captions import caption_for, load_captions
+
+    table = load_captions(captions_path)
+
+    def lookup(uri: str) -> tuple[str, list[str]]:
+        entry = caption_for(table, uri)  # matched by file stem; None for a clip without caption
+        return ("", []) if entry is None else (entry["caption"], list(entry["aspects"]))
+
+    return lookup
+
+
+# ----------------------------------------------------------------------------- shared DoFns
+
+
+class ReadAndValidate(beam.DoFn):
+    """One file -> ``(uri, wav float32[T])``; a bad or too-short file -> a tagged dead letter.
+
+    Per file and before any batching, so one bad input never fails its neighbours.
+    """
+
+    def __init__(self, window_samples: int, sample_rate: int = SAMPLE_RATE, progress_path: str | None = None):
+        self.window_samples = window_samples
+        self.sample_rate = sample_rate
+        self.progress_path = progress_path
+        self.ok = Metrics.counter(NAMESPACE, "files_ok")
+        self.dead = Metrics.counter(NAMESPACE, "files_dead")
+        self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms_read")
+
+    def process(self, uri: str) -> Iterable[Any]:
+        from musiclm.audio import AudioError, load_audio
+
+        try:
+            wav = load_audio(uri, self.sample_rate)
+        except AudioError as err:
+            yield from self._dead(uri, str(err))
+            return
+        except Exception as err:  # anything else about one file stays about that file
+            yield from self._dead(uri, f"{type(err).__name__}: {err}")
+            return
+        if wav.shape[0] < self.window_samples:
+            have, need = wav.shape[0] / self.sample_rate, self.window_samples / self.sample_rate
+            yield from self._dead(uri, f"shorter than one window ({have:.2f} s < {need:.2f} s)")
+            return
+        self.ok.inc()
+        self.audio_ms.inc(int(1000 * wav.shape[0] / self.sample_rate))
+        record_progress(self.progress_path, files=1)
+        yield uri, wav
+
+    def _dead(self, uri: str, reason: str) -> Iterable[Any]:
+        self.dead.inc()
+        record_progress(self.progress_path, files=1, dead=1)
+        yield beam.pvalue.TaggedOutput(DEAD, sh.dead_letter(uri, reason, "read"))
+
+
+class CropWindows(beam.DoFn):
+    """``(uri, wav)`` -> one element per full crop window: ``{"key", "uri", "start", "end", "wav"}``."""
+
+    def __init__(self, window_samples: int, hop_samples: int, sample_rate: int = SAMPLE_RATE):
+        self.window_samples = window_samples
+        self.hop_samples = hop_samples
+        self.sample_rate = sample_rate
+        self.windows = Metrics.counter(NAMESPACE, "windows")
+
+    def process(self, element: tuple[str, np.ndarray]) -> Iterable[dict[str, Any]]:
+        from musiclm.audio import window_starts
+
+        uri, wav = element
+        for start in window_starts(wav.shape[0], self.window_samples, self.hop_samples):
+            self.windows.inc()
+            start_s = start / self.sample_rate
+            yield {
+                "key": sh.sample_key(uri, start_s),
+                "uri": uri,
+                "start": start_s,
+                "end": (start + self.window_samples) / self.sample_rate,
+                "wav": wav[start : start + self.window_samples],
+            }
+
+
+def window_metadata(window: dict[str, Any], lookup: Callable[[str], tuple[str, list[str]]], **extra: Any) -> dict:
+    """The ``json`` member: source URI, window, caption, aspects, schema version (+ tokenizer ids)."""
+    caption, aspects = lookup(window["uri"])
+    return {
+        "key": window["key"],
+        "source": window["uri"],
+        "start": round(window["start"], 6),
+        "end": round(window["end"], 6),
+        "caption": caption,
+        "aspects": aspects,
+        "schema": SHARD_SCHEMA_VERSION,
+        **extra,
+    }
+
+
+class MakeAudioSample(beam.DoFn):
+    """A window -> an audio sample ``{"__key__", "json", "flac"}`` (16-bit FLAC, 24 kHz mono)."""
+
+    def __init__(self, captions_path: str | None, sample_rate: int = SAMPLE_RATE, progress_path: str | None = None):
+        self.captions_path = captions_path
+        self.sample_rate = sample_rate
+        self.progress_path = progress_path
+
+    def setup(self) -> None:
+        self.lookup = caption_lookup(self.captions_path)
+
+    def process(self, window: dict[str, Any]) -> Iterable[dict[str, Any]]:
+        from musiclm.audio import encode_flac
+
+        record_progress(self.progress_path, seconds=window["end"] - window["start"])
+        yield {
+            "__key__": window["key"],
+            "json": window_metadata(window, self.lookup, sample_rate=self.sample_rate),
+            "flac": encode_flac(window["wav"], self.sample_rate),
+        }
+
+
+class WriteShard(beam.DoFn):
+    """``(shard index, samples)`` -> the shard file, written atomically; yields its manifest entry.
+
+    A shard whose file already holds exactly these bytes is not rewritten (reruns and resumed runs).
+    """
+
+    def __init__(self, out_dir: str, prefix: str):
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.written = Metrics.counter(NAMESPACE, "shards_written")
+        self.skipped = Metrics.counter(NAMESPACE, "shards_unchanged")
+
+    def process(self, element: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[dict[str, Any]]:
+        index, samples = element
+        entry = sh.write_shard(sh.join_url(self.out_dir, sh.shard_name(self.prefix, index)), list(samples))
+        (self.written if entry["written"] else self.skipped).inc()
+        yield entry
+
+
+class _WriteManifest(beam.DoFn):
+    def __init__(self, out_dir: str, kind: str, tokenizers: dict[str, str] | None, extra: dict[str, Any]):
+        self.out_dir, self.kind, self.tokenizers, self.extra = out_dir, kind, tokenizers, extra
+
+    def process(self, entries: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        yield sh.write_manifest(self.out_dir, entries, kind=self.kind, tokenizers=self.tokenizers, extra=self.extra)
+
+
+class _WriteDeadLetters(beam.DoFn):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(self, records: list[dict[str, str]]) -> Iterable[int]:
+        yield sh.write_dead_letters(self.out_dir, records)
+
+
+class WriteShards(beam.PTransform):
+    """Keyed samples -> shards: AssignShard (stable hash of the key) -> GroupByKey -> WriteShard -> manifest."""
+
+    def __init__(self, out_dir: str, prefix: str, num_shards: int, kind: str,
+                 tokenizers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+        super().__init__()
+        self.out_dir, self.prefix, self.num_shards = out_dir, prefix, num_shards
+        self.kind, self.tokenizers, self.extra = kind, tokenizers, extra or {}
+
+    def expand(self, samples: beam.PCollection) -> beam.PCollection:
+        num_shards = self.num_shards
+        return (
+            samples
+            | "AssignShard" >> beam.Map(lambda s: (sh.shard_index(s["__key__"], num_shards), s))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShard(self.out_dir, self.prefix))
+            | "CollectShards" >> beam.combiners.ToList()
+            | "WriteManifest" >> beam.ParDo(_WriteManifest(self.out_dir, self.kind, self.tokenizers, self.extra))
+        )
+
+
+class WriteDeadLetters(beam.PTransform):
+    """All dead-letter PCollections -> one sorted ``dead_letter.jsonl`` (written even when empty)."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def expand(self, dead: beam.PCollection) -> beam.PCollection:
+        return (
+            dead
+            | "CollectDead" >> beam.combiners.ToList()
+            | "WriteDeadLetterFile" >> beam.ParDo(_WriteDeadLetters(self.out_dir))
+        )
+
+
+# ----------------------------------------------------------------------------- running and stats
+
+
+def _metric_totals(result: Any) -> dict[str, int]:
+    """Our Beam counters summed over steps (empty where a runner does not report them)."""
+    totals: dict[str, int] = {}
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # some runners offer no metrics API
+        return totals
+    for counter in counters:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def run_job(
+    build: Callable[[beam.Pipeline, str | None], None],
+    *,
+    uris: Sequence[str],
+    out_dir: str,
+    window_seconds: float,
+    beam_args: Sequence[str] | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """Run a pipeline built by ``build(p, progress_path)``, then write and return ``stats.json``."""
+    options = build_pipeline_options(beam_args)
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(path, exist_ok=True)
+    local = is_local_runner(options)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="musiclm-progress-") as tmp:
+        progress_path = os.path.join(tmp, "progress.log") if local else None
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, progress_path)
+        with ProgressMonitor(progress_path or os.devnull, total_files=len(uris), desc=desc,
+                             enabled=progress and local):
+            result = pipeline.run()
+            result.wait_until_finish()
+    wall = time.time() - start
+    manifest = sh.read_manifest(out_dir) or {"num_samples": 0, "num_shards": 0}
+    dead = sh.read_dead_letters(out_dir)
+    dead_files = {d["uri"] for d in dead if d["stage"] == "read"}
+    windows = int(manifest["num_samples"])
+    audio_seconds = windows * window_seconds
+    stats = {
+        "files_in": len(uris),
+        "files_ok": len(uris) - len(dead_files),
+        "files_dead": len(dead_files),
+        "dead_letters": len(dead),
+        "windows": windows,
+        "shards": int(manifest["num_shards"]),
+        "audio_seconds": audio_seconds,
+        "wall_seconds": round(wall, 3),
+        "audio_seconds_per_second": round(audio_seconds / wall, 3) if wall > 0 else None,
+        "files_per_second": round(len(uris) / wall, 3) if wall > 0 else None,
+        "metrics": _metric_totals(result),
+    }
+    sh.write_stats(out_dir, stats)
+    return stats
+
+
+def build_prepare_audio_pipeline(
+    p: beam.Pipeline,
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    captions_path: str | None = None,
+    window_seconds: float = 10.0,
+    hop_seconds: float | None = None,
+    num_shards: int | None = None,
+    progress_path: str | None = None,
+) -> None:
+    """Add the audio-shard job to ``p``; ``inputs`` are files, folders or globs on any fsspec URL."""
+    uris = expand_inputs(inputs)
+    window = int(round(window_seconds * SAMPLE_RATE))
+    hop = int(round((hop_seconds or window_seconds) * SAMPLE_RATE))
+    read = (
+        p
+        | "Create" >> beam.Create(uris)
+        | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(window, SAMPLE_RATE, progress_path)).with_outputs(DEAD, main="ok")
+    )
+    _ = (
+        read.ok
+        | "Window" >> beam.ParDo(CropWindows(window, hop))
+        | "MakeAudioSample" >> beam.ParDo(MakeAudioSample(captions_path, SAMPLE_RATE, progress_path))
+        | "WriteShards" >> WriteShards(
+            out_dir, sh.AUDIO_SHARD_PREFIX, num_shards or default_num_shards(len(uris)), kind="audio",
+            extra={"sample_rate": SAMPLE_RATE, "window_seconds": window_seconds},
+        )
+    )
+    _ = read[DEAD] | "DeadLetters" >> WriteDeadLetters(out_dir)
+
+
+def run_prepare_audio(
+    inputs: Sequence[str],
+    out_dir: str,
+    captions: str | None = None,
+    window_seconds: float = 10.0,
+    hop_seconds: float | None = None,
+    num_shards: int | None = None,
+    beam_args: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Crop a corpus into FLAC audio shards ``audio-000000.tar`` in ``out_dir``; returns the stats."""
+    if window_seconds <= 0 or (hop_seconds is not None and hop_seconds <= 0):
+        raise ValueError("window_seconds and hop_seconds must be positive")
+    uris = expand_inputs(inputs)
+    out_dir = str(out_dir)
+
+    def build(p: beam.Pipeline, progress_path: str | None) -> None:
+        build_prepare_audio_pipeline(p, inputs, out_dir, captions_path=captions, window_seconds=window_seconds,
+                                     hop_seconds=hop_seconds, num_shards=num_shards, progress_path=progress_path)
+
+    return run_job(build, uris=uris, out_dir=out_dir, window_seconds=window_seconds, beam_args=beam_args,
+                   progress=progress, desc="prepare audio")

@@ -1,0 +1,214 @@
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pytest
+import soundfile as sf
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from musiclm.audio import write_wav
+from musiclm.data import shards as sh
+from musiclm.pipelines.options import build_pipeline_options, is_local_runner, runner_name
+from musiclm.pipelines.prepare_audio import (
+    DEAD,
+    CropWindows,
+    ReadAndValidate,
+    WriteShards,
+    default_num_shards,
+    expand_inputs,
+    run_prepare_audio,
+)
+
+SR = 24000
+
+
+def _tone(seconds: float, freq: float, sr: int = SR) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """Three good clips (one 16-kHz stereo, one in a sub-folder) and one of each kind of bad input."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "sub").mkdir()
+    write_wav(str(root / "a.wav"), _tone(2.5, 220), SR)
+    write_wav(str(root / "sub" / "b.wav"), _tone(1.0, 330), SR)
+    stereo = np.stack([_tone(1.5, 440, 16000), _tone(1.5, 550, 16000)], axis=1)
+    sf.write(str(root / "c.flac"), stereo, 16000)
+    (root / "empty.wav").write_bytes(b"")
+    (root / "corrupt.wav").write_bytes(os.urandom(2000))
+    sf.write(str(root / "nan.wav"), np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
+    write_wav(str(root / "short.wav"), _tone(0.5, 220), SR)
+    (root / "notes.txt").write_text("not audio")
+    captions = root.parent / f"{root.name}-captions.jsonl"
+    captions.write_text(json.dumps({"file": "audio/a.wav", "caption": "a calm sine", "aspects": ["sine", "calm"]}) + "\n")
+    return {"root": str(root), "missing": str(root / "missing.wav"), "captions": str(captions)}
+
+
+def _pipeline() -> BeamTestPipeline:
+    return BeamTestPipeline(options=build_pipeline_options([]))
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_options_default_to_in_process_runner_and_pass_user_flags_through():
+    options = build_pipeline_options([])
+    assert runner_name(options) == "FnApiRunner" and is_local_runner(options)
+    argv = ["--runner", "DataflowRunner", "--project", "p1", "--region", "europe-west4",
+            "--temp_location", "gs://bucket/tmp", "--num_workers", "7"]
+    options = build_pipeline_options(argv)
+    everything = options.get_all_options()
+    assert options.view_as(StandardOptions).runner == "DataflowRunner" and not is_local_runner(options)
+    assert (everything["project"], everything["region"], everything["temp_location"], everything["num_workers"]) == (
+        "p1", "europe-west4", "gs://bucket/tmp", 7)
+    flink = build_pipeline_options(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
+    assert runner_name(flink) == "FlinkRunner" and flink.get_all_options()["flink_master"] == "localhost:8081"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_expand_inputs_folders_globs_missing_and_memory(corpus):
+    root = corpus["root"]
+    found = expand_inputs([root])
+    assert found == sorted(found) and sorted(Path(u).name for u in found) == sorted(
+        ["a.wav", "b.wav", "c.flac", "corrupt.wav", "empty.wav", "nan.wav", "short.wav"])
+    assert expand_inputs([os.path.join(root, "*.flac"), corpus["missing"], root + "/sub"]) == sorted(
+        [os.path.join(root, "c.flac"), corpus["missing"], os.path.join(root, "sub", "b.wav")])
+    base = f"memory://corpus-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"{base}/x/one.ogg", b"0")
+    fs.pipe_file(f"{base}/x/readme.md", b"0")
+    assert expand_inputs([base]) == ["memory:///" + base[len("memory://"):] + "/x/one.ogg"]
+    with pytest.raises(ValueError, match="no audio files"):
+        expand_inputs([os.path.join(root, "*.mp3")])
+    assert default_num_shards(1) == 4 and default_num_shards(201) == 5
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_read_and_validate_dead_letters_each_bad_file_with_its_reason(corpus):
+    root = corpus["root"]
+    uris = expand_inputs([root, corpus["missing"]])
+    with _pipeline() as p:
+        out = p | beam.Create(uris) | beam.ParDo(ReadAndValidate(SR, SR)).with_outputs(DEAD, main="ok")
+        ok = out.ok | "Summ" >> beam.Map(lambda kv: (Path(kv[0]).name, kv[1].shape[0], kv[1].dtype == np.float32))
+        assert_that(ok, equal_to([("a.wav", 60000, True), ("b.wav", 24000, True), ("c.flac", 36000, True)]), label="ok")
+        reasons = out[DEAD] | beam.Map(lambda d: (Path(d["uri"]).name, d["stage"], d["reason"].split(":")[0]))
+        assert_that(reasons, equal_to([
+            ("corrupt.wav", "read", "not an audio file libsndfile can read (Format not recognised)"),
+            ("empty.wav", "read", "empty file (0 bytes)"),
+            ("missing.wav", "read", "file not found"),
+            ("nan.wav", "read", "audio contains non-finite samples (NaN or Inf)"),
+            ("short.wav", "read", "shorter than one window (0.50 s < 1.00 s)"),
+        ]), label="dead")
+
+
+def test_crop_windows_gives_full_windows_only():
+    sr = 100  # a low rate keeps the elements small; the windowing arithmetic is the same
+    wav_10s = np.zeros(10 * sr, np.float32)
+    wav_25s = np.arange(25 * sr, dtype=np.float32)
+    with _pipeline() as p:
+        windows = (
+            p
+            | beam.Create([("/c/ten.wav", wav_10s), ("/c/long.wav", wav_25s)])
+            | beam.ParDo(CropWindows(10 * sr, 10 * sr, sample_rate=sr))
+            | beam.Map(lambda w: (w["uri"], w["key"], w["start"], w["end"], w["wav"].shape[0], float(w["wav"][0])))
+        )
+        assert_that(windows, equal_to([  # a 10.0-s clip gives exactly one window; 25 s give two
+            ("/c/ten.wav", sh.sample_key("/c/ten.wav", 0.0), 0.0, 10.0, 10 * sr, 0.0),
+            ("/c/long.wav", sh.sample_key("/c/long.wav", 0.0), 0.0, 10.0, 10 * sr, 0.0),
+            ("/c/long.wav", sh.sample_key("/c/long.wav", 10.0), 10.0, 20.0, 10 * sr, float(10 * sr)),
+        ]))
+
+
+def test_write_shards_groups_by_key_hash(tmp_path):
+    samples = [{"__key__": sh.sample_key(f"/c/{i}.wav", 0.0), "json": {"i": i},
+                "mulan": np.full(12, i, np.int16)} for i in range(12)]
+    expected = {}
+    for s in samples:
+        expected.setdefault(sh.shard_index(s["__key__"], 3), []).append(s["__key__"])
+    with _pipeline() as p:
+        manifest = p | beam.Create(samples) | WriteShards(str(tmp_path), "tokens", 3, kind="tokens")
+        counts = manifest | beam.Map(lambda m: sorted((e["name"], e["samples"]) for e in m["shards"]))
+        assert_that(counts, equal_to([sorted((sh.shard_name("tokens", i), len(k)) for i, k in expected.items())]))
+    for index, keys in expected.items():
+        got = [s["__key__"] for s in sh.iter_samples([str(tmp_path / sh.shard_name("tokens", index))])]
+        assert got == sorted(keys)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _shard_files(out: Path) -> dict[str, os.stat_result]:
+    return {p.name: p.stat() for p in sorted(out.glob("audio-*.tar"))}
+
+
+def test_prepare_audio_job_dead_letters_reruns_and_resume(corpus, tmp_path):
+    out = tmp_path / "audio"
+    stats = run_prepare_audio([corpus["root"], corpus["missing"]], str(out), captions=corpus["captions"],
+                              window_seconds=1.0, progress=False)
+    assert (stats["files_in"], stats["files_ok"], stats["files_dead"], stats["windows"]) == (8, 3, 5, 2 + 1 + 1)
+    assert stats["audio_seconds"] == 4.0 and stats["metrics"]["files_ok"] == 3
+    assert json.loads((out / "stats.json").read_text())["windows"] == 4
+    dead = sh.read_dead_letters(str(out))
+    assert sorted(Path(d["uri"]).name for d in dead) == ["corrupt.wav", "empty.wav", "missing.wav", "nan.wav", "short.wav"]
+    samples = list(sh.iter_samples(str(out), prefix="audio"))
+    # every input is accounted for: in a shard or in the dead letters
+    sources = {Path(s["json"]["source"]).name for s in samples}
+    assert sources | {Path(d["uri"]).name for d in dead} == {Path(u).name for u in expand_inputs([corpus["root"], corpus["missing"]])}
+    by_key = {s["__key__"]: s for s in samples}
+    a0 = by_key[sh.sample_key(os.path.join(corpus["root"], "a.wav"), 0.0)]
+    assert a0["json"]["start"] == 0.0 and a0["json"]["end"] == 1.0 and a0["wav"].shape == (SR,)
+    assert (a0["json"]["caption"], a0["json"]["aspects"]) == ("a calm sine", ["sine", "calm"])
+    np.testing.assert_allclose(a0["wav"], _tone(2.5, 220)[:SR], atol=1e-4)
+    c1 = by_key[sh.sample_key(os.path.join(corpus["root"], "c.flac"), 0.0)]
+    assert (c1["json"]["caption"], c1["json"]["aspects"]) == ("", [])  # no caption for this clip
+    assert c1["wav"].shape == (SR,)  # 16-kHz stereo became 24-kHz mono
+    manifest = sh.read_manifest(str(out))
+    assert manifest["kind"] == "audio" and manifest["num_samples"] == 4
+    for entry in manifest["shards"]:
+        assert hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+
+    # a rerun writes the same bytes and leaves every file in place
+    before = _shard_files(out)
+    digests = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in before}
+    run_prepare_audio([corpus["root"], corpus["missing"]], str(out), captions=corpus["captions"],
+                      window_seconds=1.0, progress=False)
+    after = _shard_files(out)
+    assert {n: (s.st_ino, s.st_mtime_ns) for n, s in after.items()} == {n: (s.st_ino, s.st_mtime_ns) for n, s in before.items()}
+
+    # resume: delete one shard; only it is written again, with identical bytes
+    victim = sorted(before)[0]
+    (out / victim).unlink()
+    stats = run_prepare_audio([corpus["root"], corpus["missing"]], str(out), captions=corpus["captions"],
+                              window_seconds=1.0, progress=False)
+    assert stats["metrics"]["shards_written"] == 1
+    assert stats["metrics"]["shards_unchanged"] == len(before) - 1
+    again = _shard_files(out)
+    for name, st in again.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digests[name]
+        if name != victim:
+            assert (st.st_ino, st.st_mtime_ns) == (before[name].st_ino, before[name].st_mtime_ns)
+
+
+def test_prepare_audio_on_memory_urls():
+    base = f"memory://job-{uuid.uuid4().hex}"
+    write_wav(f"{base}/in/x.wav", _tone(2.0, 200), SR)
+    fsspec.filesystem("memory").pipe_file(f"{base}/in/bad.wav", b"RIFF....junk")
+    stats = run_prepare_audio([f"{base}/in"], f"{base}/out", window_seconds=1.0, num_shards=2, progress=False)
+    assert (stats["files_ok"], stats["files_dead"], stats["windows"]) == (1, 1, 2)
+    samples = list(sh.iter_samples(f"{base}/out", prefix="audio"))
+    assert sorted(s["json"]["start"] for s in samples) == [0.0, 1.0]
+    assert all(s["json"]["source"].startswith("memory://") for s in samples)
+    assert [Path(d["uri"]).name for d in sh.read_dead_letters(f"{base}/out")] == ["bad.wav"]
