@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from musiclm.tokenizers.rvq import ResidualVQ, RVQOutput, VectorQuantizer
+
+torch.set_num_threads(1)
+
+
+def test_codes_of_codebook_vectors_map_back_exactly():
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, kmeans_init=False).eval()
+    vectors = rvq.layers[0].codebook[:10].clone()  # exact level-0 codebook vectors
+    codes = rvq.encode(vectors[None])  # [1, 10, 3]
+    assert codes.dtype == torch.long and codes.shape == (1, 10, 3)
+    assert torch.equal(codes[0, :, 0], torch.arange(10))
+    assert torch.allclose(rvq.decode(codes[..., :1])[0], vectors, atol=1e-6)
+    # arbitrary codes decode to the sum of their code vectors and encode back to themselves (for
+    # codebooks whose later levels are much smaller than the earlier ones)
+    for k, layer in enumerate(rvq.layers):
+        layer.codebook.mul_(0.05**k)
+    codes = torch.randint(0, 16, (2, 5, 3))
+    x = rvq.decode(codes)
+    expected = sum(rvq.layers[k].codebook[codes[..., k]] for k in range(3))
+    assert torch.allclose(x, expected)
+    assert torch.equal(rvq.encode(x), codes)
+
+
+def test_forward_shapes_straight_through_and_decode_agree():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=32)
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    out = rvq(x)  # first training batch: k-means init
+    assert isinstance(out, RVQOutput)
+    assert out.quantized.shape == x.shape and out.codes.shape == (2, 50, 4) and out.commit_loss.ndim == 0
+    assert all(bool(layer.initted) for layer in rvq.layers)
+    (out.quantized.sum() + out.commit_loss).backward()
+    # straight-through: d sum(quantized) / dx = 1 everywhere, plus the commitment gradient
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert (x.grad - 1).abs().mean() < 0.5
+    rvq.eval()
+    q = rvq(x).quantized
+    assert torch.allclose(rvq.decode(rvq.encode(x)), q, atol=1e-5)
+    assert torch.equal(rvq.encode(x), rvq(x).codes)
+
+
+def test_residual_error_shrinks_with_levels():
+    torch.manual_seed(0)
+    x = torch.randn(600, 8)
+    rvq = ResidualVQ(dim=8, num_quantizers=6, codebook_size=16).fit(x, iters=15)
+    codes = rvq.encode(x[None])
+    errors = [(rvq.decode(codes[..., :n])[0] - x).pow(2).mean().item() for n in range(1, 7)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.25 * errors[0]
+    assert (rvq.decode(torch.full((1, 1, 6), -1)) == 0).all()  # -1 = dropped level contributes nothing
+
+
+def test_fit_with_fewer_points_than_codes():
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(0))
+    rvq = ResidualVQ(dim=128, num_quantizers=12, codebook_size=1024).fit(x, iters=5)
+    codes = rvq.encode(x[None])
+    assert codes.shape == (1, 40, 12) and int(codes.max()) < 1024
+    assert torch.allclose(rvq.decode(codes)[0], x, atol=1e-4)
+    assert torch.isfinite(rvq.codebooks).all() and rvq.codebooks.shape == (12, 1024, 128)
+
+
+def test_dead_codes_are_replaced_by_batch_vectors():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=4, codebook_size=8, kmeans_init=False, dead_code_threshold=0.5)
+    vq.codebook.copy_(torch.randn(8, 4) + 100.0)  # far from the data: only one code ever wins
+    vq.cluster_size.fill_(1.0)
+    x = torch.randn(64, 4)
+    for _ in range(80):
+        vq(x)
+    # the codes that never won were moved onto data points
+    dist = torch.cdist(vq.codebook, x).min(dim=1).values
+    assert (dist < 3.0).all(), dist
+    assert vq.quantize(x).unique().numel() > 1
+
+
+def test_ema_moves_codebook_toward_data():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=2, codebook_size=2, kmeans_init=False, decay=0.9, dead_code_threshold=0.0)
+    vq.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    vq.embed_sum.copy_(vq.codebook)
+    targets = torch.tensor([[5.0, 5.0], [-5.0, -5.0]])
+    x = targets.repeat_interleave(50, dim=0) + 0.01 * torch.randn(100, 2)
+    before = (vq.codebook - targets).norm(dim=1)
+    for _ in range(60):
+        vq(x)
+    after = (vq.codebook - targets).norm(dim=1)
+    assert (after < 0.05 * before).all(), (before, after)
+    vq.eval()
+    frozen = vq.codebook.clone()
+    vq(x + 3.0)
+    assert torch.equal(vq.codebook, frozen)  # no updates in eval mode
+
+
+def test_quantizer_dropout_uses_a_prefix_of_levels():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=True)
+    used = set()
+    for _ in range(30):
+        codes = rvq(torch.randn(2, 20, 8)).codes
+        n = int((codes[0, 0] >= 0).sum())
+        assert (codes[..., :n] >= 0).all() and (codes[..., n:] == -1).all()
+        used.add(n)
+    assert len(used) > 2 and min(used) >= 1 and max(used) <= 6
+    rvq.eval()
+    assert (rvq(torch.randn(1, 5, 8)).codes >= 0).all()
+
+
+def test_errors():
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4)
+    with pytest.raises(ValueError):
+        rvq(torch.randn(1, 3, 7))
+    with pytest.raises(ValueError):
+        rvq.decode(torch.zeros(1, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        rvq.decode(torch.full((1, 3, 2), 4))
