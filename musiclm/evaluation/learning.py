@@ -92,7 +92,8 @@ def stage_cross_entropy(
     model, config = load_stage(stage_dir)
     stage = config.stage
     rng = np.random.default_rng(seed)
-    vocab = config.transformer.vocab_size
+    # the output head covers only the tokens this stage generates: logit j is token id j
+    vocab = model(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
     counts = np.full(vocab, 1e-2)  # a small pseudo-count: held-out tokens unseen in training stay possible
     for i, sample in enumerate(train):
         tokens, mask = build_training_example(sample, stage, config, rng)
@@ -105,12 +106,12 @@ def stage_cross_entropy(
     for i, sample in enumerate(heldout):
         tokens, mask = build_training_example(sample, stage, config, rng)
         x = torch.from_numpy(tokens).long().unsqueeze(0)  # [1, L]
-        logits = model(x[:, :-1])[0]  # [L-1, V]
-        targets = x[0, 1:]
-        target_mask = torch.from_numpy(mask[1:])
-        nll = F.cross_entropy(logits.float(), targets, reduction="none")[target_mask]
+        target_mask = torch.from_numpy(mask[1:])  # position t predicts token t + 1
+        logits = model(x[:, :-1], select=target_mask.unsqueeze(0))  # [N, V_out]
+        targets = x[0, 1:][target_mask]  # [N]
+        nll = F.cross_entropy(logits.float(), targets, reduction="none")
         model_nll += float(nll.sum())
-        unigram_nll += float(-log_unigram[targets[target_mask].numpy()].sum())
+        unigram_nll += float(-log_unigram[targets.numpy()].sum())
         n_tokens += int(target_mask.sum())
         if i + 1 >= max_examples:
             break
@@ -120,5 +121,5 @@ def stage_cross_entropy(
         "heldout_tokens": n_tokens,
         "cross_entropy": model_nll / n_tokens,
         "unigram_cross_entropy": unigram_nll / n_tokens,
-        "uniform_cross_entropy": float(np.log(vocab)),
+        "uniform_cross_entropy": float(np.log(1024)),  # every generated token is one of 1024 codes
     }

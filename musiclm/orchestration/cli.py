@@ -28,7 +28,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'bad input', not 'bug'. Imported lazily: they live in heavy modules."""
     from musiclm.checkpoint import CheckpointError
 
-    errors: list[type[BaseException]] = [UserError, CheckpointError, FileNotFoundError]
+    # ValueError: the library's own argument checks (a bad preset, workers < 0, ...); MUSICLM_DEBUG=1 keeps tracebacks
+    errors: list[type[BaseException]] = [UserError, CheckpointError, FileNotFoundError, ValueError]
     try:
         from musiclm.audio import AudioError
 
@@ -121,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seconds <= 0:
         raise UserError("--seconds must be positive")
     from musiclm.audio import write_wav
+    from musiclm.constants import SAMPLE_RATE
     from musiclm.generation.cascade import Cascade
 
     temperatures = {k: v for k, v in (("semantic", args.t_semantic), ("coarse", args.t_coarse), ("fine", args.t_fine)) if v is not None}
@@ -128,8 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     wav = cascade.generate(args.prompt, seconds=args.seconds, seed=args.seed, temperatures=temperatures or None)
     elapsed = time.perf_counter() - start
-    write_wav(args.out, wav, cascade.sample_rate)
-    seconds = len(wav) / cascade.sample_rate
+    write_wav(args.out, wav, SAMPLE_RATE)
+    seconds = len(wav) / SAMPLE_RATE
     print(f"wrote {args.out}: {seconds:.2f} s of audio in {elapsed:.2f} s (real-time factor {elapsed / seconds:.2f})")
     return 0
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, _user_errors()) and not os.environ.get("MUSICLM_DEBUG"):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HELDOUT_CLIPS = 16
-
 
 @dataclass
 class DemoConfig:
     workdir: Path = Path("musiclm-demo")
     clips: int | None = None  # training clips; None = the preset's default
+    heldout_clips: int = 16
     seconds: float = 10.0
     seed: int = 0
     preset: str = "tiny"
@@ -82,7 +81,7 @@ def run_demo(config: DemoConfig) -> Path:
     shards, ckpt = work / "shards", work / "checkpoints"
     work.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    results: dict[str, Any] = {"config": {"clips": config.n_clips, "heldout_clips": HELDOUT_CLIPS,
+    results: dict[str, Any] = {"config": {"clips": config.n_clips, "heldout_clips": config.heldout_clips,
                                           "seconds": config.seconds, "seed": config.seed, "preset": config.preset}}
 
     with timer.step("corpus"):
@@ -90,7 +89,7 @@ def run_demo(config: DemoConfig) -> Path:
             generate_corpus(corpus, clips=config.n_clips, seconds=config.seconds, seed=config.seed)
         if not _done(heldout / "captions.jsonl"):
             # another seed: none of these clips is seen by any training step
-            generate_corpus(heldout, clips=HELDOUT_CLIPS, seconds=config.seconds, seed=config.seed + 10_000)
+            generate_corpus(heldout, clips=config.heldout_clips, seconds=config.seconds, seed=config.seed + 10_000)
 
     with timer.step("prepare audio shards (Beam)"):
         if not _done(shards / "audio" / "manifest.json"):
