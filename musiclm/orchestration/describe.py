@@ -20,6 +20,19 @@ def _count(build) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _mulan_parameter_counts(config: Any) -> dict[str, int]:
+    """MuLan's towers counted apart: the audio tower is trained here, the text tower is pretrained."""
+    from transformers import AutoConfig, AutoModel
+
+    from musiclm.tokenizers.mulan import AudioTower, default_text_model_path
+
+    audio = _count(lambda: AudioTower(config))
+    text_config = AutoConfig.from_pretrained(config.text_model or default_text_model_path(), local_files_only=True)
+    text = _count(lambda: AutoModel.from_config(text_config))
+    projection = text_config.hidden_size * config.embed_dim + config.embed_dim + 1  # text_proj + logit scale
+    return {"audio_tower": audio, "text_tower": text, "text_projection": projection, "total": audio + text + projection}
+
+
 def _config(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
@@ -28,7 +41,7 @@ def describe(preset: str) -> dict[str, Any]:
     """A JSON-able description of every component at ``preset``."""
     from musiclm.models.stages import StageConfig
     from musiclm.models.transformer import StageTransformer
-    from musiclm.tokenizers.mulan import MuLanConfig, mulan_parameter_counts
+    from musiclm.tokenizers.mulan import MuLanConfig
     from musiclm.tokenizers.semantic import W2VBert, W2VBertConfig
     from musiclm.tokenizers.soundstream import SoundStream, SoundStreamConfig
 
@@ -58,7 +71,7 @@ def describe(preset: str) -> dict[str, Any]:
     }
 
     mc = MuLanConfig.preset(preset)
-    counts = mulan_parameter_counts(mc)
+    counts = _mulan_parameter_counts(mc)
     components["mulan"] = {
         "role": "conditioning tokens M_A (audio) / M_T (text)",
         "parameters": counts["total"],

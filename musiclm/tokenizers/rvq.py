@@ -212,3 +212,168 @@ class ResidualVQ(nn.Module):
             codes = layer.init_codebook(residual, iters=iters, seed=seed + k)
             residual = residual - layer.dequantize(codes)
         return self
+
+
+# ---------------------------------------------------------------------------------------- factorized codes
+
+
+class FactorizedVectorQuantizer(nn.Module):
+    """One codebook with DAC's factorized, L2-normalised codes (Kumar et al., 2023), learned by gradient.
+
+    The ``dim``-sized input is projected to ``code_dim`` (8) dimensions, and the nearest code is the one
+    of highest cosine similarity there; the code vector is projected back to ``dim``. Why: with
+    SoundStream's EMA codebooks a small codec trained on small batches collapses to a handful of codes
+    (a 1024-way nearest neighbour in 64-d Euclidean space is won by the few codes nearest to a latent
+    cloud whose scale keeps changing). Matching directions in a low-dimensional space makes every code
+    reachable and scale-free, and the codebook loss moves codes with the encoder instead of lagging it.
+    Codes unused for a while (EMA usage below ``dead_code_threshold`` vectors per step) are restarted at
+    projected vectors of the current batch, and their usage is reset to twice the threshold, so a
+    restarted code gets ~70 steps (decay 0.99) to be picked before it may be restarted again.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        code_dim: int = 8,
+        decay: float = 0.99,
+        dead_code_threshold: float = 0.01,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.decay = decay
+        self.dead_code_threshold = dead_code_threshold
+        self.in_proj = nn.Linear(dim, code_dim)
+        self.out_proj = nn.Linear(code_dim, dim)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))  # [C, d]
+        self.register_buffer("usage", torch.full((codebook_size,), 2 * dead_code_threshold))  # [C] EMA
+
+    def project(self, x: Tensor) -> Tensor:
+        """``x[..., D] -> [..., d]`` unit vectors: the space where codes are matched."""
+        return F.normalize(self.in_proj(x), dim=-1)
+
+    def nearest_code(self, z: Tensor) -> Tensor:
+        """Highest-cosine code of unit vectors ``z[..., d]`` -> long ``[...]``."""
+        flat = z.detach().reshape(-1, self.code_dim)  # [N, d]
+        scores = flat @ F.normalize(self.codebook.detach(), dim=-1).T  # [N, C]
+        return scores.argmax(dim=-1).reshape(z.shape[:-1])  # [...]
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Code index of ``x[..., D]`` -> long ``[...]``."""
+        return self.nearest_code(self.project(x))
+
+    def code_vectors(self, codes: Tensor) -> Tensor:
+        """``codes[...] -> [..., d]`` normalised code vectors (the values the encoder is pulled to)."""
+        return F.normalize(F.embedding(codes.clamp_min(0), self.codebook), dim=-1)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        """Code vectors for ``codes[...]`` projected back -> ``[..., D]``; code -1 maps to zeros."""
+        valid = (codes >= 0).unsqueeze(-1)
+        return self.out_proj(self.code_vectors(codes)) * valid.to(self.codebook.dtype)
+
+    @torch.no_grad()
+    def _replace_dead_codes(self, z: Tensor, codes: Tensor) -> int:
+        flat = z.detach().reshape(-1, self.code_dim)  # [N, d]
+        counts = torch.bincount(codes.reshape(-1), minlength=self.codebook_size).to(self.usage.dtype)  # [C]
+        self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        if self.dead_code_threshold <= 0:
+            return 0
+        dead = self.usage < self.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
+        noise = 0.05 * torch.randn(n_dead, self.code_dim, device=flat.device)  # duplicates must differ
+        self.codebook[dead] = F.normalize(flat[pick] + noise, dim=-1)
+        self.usage[dead] = 2 * self.dead_code_threshold
+        return n_dead
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x[..., D] -> (quantized[..., D] (straight-through to x), codes[...], VQ loss)``.
+
+        The loss is DAC's: codebook term ``|sg(z) - e|^2`` (moves codes) + 0.25 commitment
+        ``|z - sg(e)|^2`` (moves the encoder). Training mode also restarts dead codes."""
+        z = self.project(x)  # [..., d]
+        codes = self.nearest_code(z)  # [...]
+        e = self.code_vectors(codes)  # [..., d]
+        loss = F.mse_loss(e, z.detach()) + 0.25 * F.mse_loss(z, e.detach())
+        if self.training:
+            self._replace_dead_codes(z, codes)
+        z_q = z + (e - z).detach()  # straight-through in the code space
+        return self.out_proj(z_q), codes, loss
+
+    @torch.no_grad()
+    def init_codebook(self, x: Tensor, iters: int = 10, seed: int = 0) -> Tensor:
+        """Codes by k-means on the projected unit vectors of ``x[N, D]``; returns the codes of ``x``."""
+        z = self.project(x.float())  # [N, d]
+        km = KMeans(self.codebook_size, self.code_dim).to(x.device).fit(z, iters=iters, seed=seed)
+        self.codebook.copy_(F.normalize(km.centroids, dim=-1))
+        self.usage.fill_(2 * self.dead_code_threshold)
+        return self.quantize(x)
+
+
+class FactorizedResidualVQ(ResidualVQ):
+    """``ResidualVQ`` with factorized codes at every level (DAC): same interface (``forward`` ->
+    ``RVQOutput``, ``encode``, ``decode``, ``fit``), gradient-trained codebooks. The residual keeps its
+    gradient, so every level's projections learn from the reconstruction loss."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        code_dim: int = 8,
+        commitment_weight: float = 1.0,
+        dead_code_threshold: float = 0.01,
+        quantizer_dropout: bool = False,
+        decay: float = 0.99,
+    ):
+        nn.Module.__init__(self)
+        self.dim = dim
+        self.num_quantizers = num_quantizers
+        self.codebook_size = codebook_size
+        self.commitment_weight = commitment_weight
+        self.quantizer_dropout = quantizer_dropout
+        self.layers = nn.ModuleList(
+            FactorizedVectorQuantizer(dim, codebook_size, code_dim, decay, dead_code_threshold)
+            for _ in range(num_quantizers)
+        )
+
+    @property
+    def codebooks(self) -> Tensor:
+        """All code-space codebooks, normalised: ``[K, C, d]``."""
+        return torch.stack([F.normalize(layer.codebook.detach(), dim=-1) for layer in self.layers])
+
+    def forward(self, x: Tensor, n_q: int | None = None) -> RVQOutput:
+        """Quantize ``x[B, N, D]`` with the first ``n_q`` levels (see ``ResidualVQ.forward``)."""
+        self._check(x)
+        if n_q is None:
+            n_q = self.num_quantizers
+            if self.training and self.quantizer_dropout:
+                n_q = int(torch.randint(1, self.num_quantizers + 1, (1,)))
+        residual = x
+        total = torch.zeros_like(x)
+        codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.long, device=x.device)
+        losses = []
+        for k, layer in enumerate(self.layers[:n_q]):
+            q, c, loss = layer(residual)
+            residual = residual - q
+            total = total + q
+            codes[..., k] = c
+            losses.append(loss)
+        commit_loss = torch.stack(losses).mean() * self.commitment_weight
+        return RVQOutput(total, codes, commit_loss)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """``x[B, N, D] -> codes[B, N, K]`` long, every level."""
+        self._check(x)
+        residual = x.to(self.layers[0].codebook.dtype)
+        codes = []
+        for layer in self.layers:
+            c = layer.quantize(residual)  # [B, N]
+            residual = residual - layer.dequantize(c)
+            codes.append(c)
+        return torch.stack(codes, dim=-1)  # [B, N, K]

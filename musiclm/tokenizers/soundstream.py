@@ -27,7 +27,7 @@ from musiclm.constants import (
     ACOUSTIC_HOP,
     SAMPLE_RATE,
 )
-from musiclm.tokenizers.rvq import ResidualVQ
+from musiclm.tokenizers.rvq import FactorizedResidualVQ
 
 PRESETS = ("tiny", "paper")
 
@@ -45,9 +45,10 @@ class SoundStreamConfig:
     latent_dim: int = 512  # D: embedding (and codebook vector) size
     num_quantizers: int = ACOUSTIC_CODEBOOKS
     codebook_size: int = ACOUSTIC_CODEBOOK_SIZE
-    ema_decay: float = 0.99
-    commitment_weight: float = 1.0
-    dead_code_threshold: float = 2.0  # EMA usage (vectors / step) under which a code is restarted
+    codebook_dim: int = 8  # DAC's factorized codes: matched by cosine in this many dimensions
+    ema_decay: float = 0.99  # decay of the code-usage average that finds dead codes
+    commitment_weight: float = 1.0  # weight of the VQ loss (codebook + 0.25 commitment)
+    dead_code_threshold: float = 0.01  # EMA usage (vectors / step) under which a code is restarted
     quantizer_dropout: bool = True  # SoundStream's bitrate-scalable training
     causal: bool = True
     # discriminators (SoundStream: a multi-scale waveform discriminator and an STFT discriminator)
@@ -80,7 +81,6 @@ class SoundStreamConfig:
                 channels=8,
                 dilations=(1,),  # one residual unit per block: half the CPU time of (1, 3)
                 latent_dim=64,
-                dead_code_threshold=0.05,  # small batches: ~0.4 vectors per code per step on average
                 quantizer_dropout=False,
                 wave_channels=4,
                 wave_max_channels=64,
@@ -213,14 +213,15 @@ class SoundStream(nn.Module):
         self.num_codebooks = config.num_quantizers
         self.codebook_size = config.codebook_size
         self.encoder = Encoder(config)
-        self.quantizer = ResidualVQ(
+        self.quantizer = FactorizedResidualVQ(
             config.latent_dim,
             config.num_quantizers,
             config.codebook_size,
-            decay=config.ema_decay,
+            code_dim=config.codebook_dim,
             commitment_weight=config.commitment_weight,
             dead_code_threshold=config.dead_code_threshold,
             quantizer_dropout=config.quantizer_dropout,
+            decay=config.ema_decay,
         )
         self.decoder = Decoder(config)
 
