@@ -39,7 +39,7 @@ BLOCK = 1024  # every codebook of the paper has 1024 codes
 assert ACOUSTIC_CODEBOOK_SIZE == SEMANTIC_CODEBOOK_SIZE == MULAN_CODEBOOK_SIZE == BLOCK
 FRAMES_PER_SEMANTIC = ACOUSTIC_FRAME_RATE // SEMANTIC_FRAME_RATE  # 2 acoustic frames per 40-ms semantic frame
 
-CROP_SECONDS = {"paper": {"semantic": 30.0, "coarse": 10.0, "fine": 3.0}, "tiny": {"semantic": 10.0, "coarse": 4.0, "fine": 2.0}}
+CROP_SECONDS = {"paper": {"semantic": 30.0, "coarse": 10.0, "fine": 3.0}, "tiny": {"semantic": 10.0, "coarse": 2.0, "fine": 1.0}}
 
 
 def _check_stage(stage: str) -> None:
@@ -188,7 +188,7 @@ class StageConfig:
 
     @classmethod
     def preset(cls, stage: str, name: str) -> StageConfig:
-        """``tiny``: dim 256, 4 layers, 4 heads, FF 1024 (GELU), crops 10/4/2 s; ``paper``: 24 x 1024, 16 heads, GEGLU 4096, 30/10/3 s."""
+        """``tiny``: dim 256, 4 layers, 4 heads, FF 1024 (GELU), crops 10/2/1 s (short acoustic crops: more steps in the CPU demo's minutes); ``paper``: 24 x 1024, 16 heads, GEGLU 4096, 30/10/3 s."""
         _check_stage(stage)
         if name not in PRESETS:
             raise ValueError(f"unknown preset '{name}': valid presets are {', '.join(PRESETS)}")

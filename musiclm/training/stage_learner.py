@@ -35,7 +35,7 @@ from musiclm.models.transformer import StageTransformer, TransformerConfig
 # per preset: learning rate, batch size (sequences per worker per step), warmup steps, weight decay
 DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"lr": 1e-3, "warmup_steps": 20, "weight_decay": 0.1,
-             "batch_size": {"semantic": 8, "coarse": 2, "fine": 2}},
+             "batch_size": {"semantic": 8, "coarse": 4, "fine": 4}},
     "paper": {"lr": 3e-4, "warmup_steps": 5_000, "weight_decay": 0.1,
               "batch_size": {"semantic": 32, "coarse": 32, "fine": 32}},
 }

@@ -59,7 +59,7 @@ def test_sequence_lengths_of_paper_and_tiny_crops():
 def test_presets():
     tiny = StageConfig.preset("coarse", "tiny")
     assert (tiny.transformer.dim, tiny.transformer.n_layers, tiny.transformer.n_heads, tiny.transformer.ff_dim) == (256, 4, 4, 1024)
-    assert tiny.crop_seconds == 4.0 and tiny.transformer.dropout == 0.1 and tiny.temperature == 0.95
+    assert tiny.crop_seconds == 2.0 and tiny.transformer.dropout == 0.1 and tiny.temperature == 0.95
     paper = StageConfig.preset("semantic", "paper")
     assert (paper.transformer.dim, paper.transformer.n_layers, paper.transformer.n_heads, paper.transformer.ff_dim) == (1024, 24, 16, 4096)
     assert [StageConfig.preset(s, "paper").crop_seconds for s in STAGES] == [30.0, 10.0, 3.0]
@@ -92,11 +92,11 @@ def test_coarse_layout_is_aligned_on_40_ms():
     starts = set()
     for _ in range(5):
         tokens, mask = build_training_example(aligned_sample(12.0), "coarse", cfg, rng)
-        assert len(tokens) == 913 and mask.sum() == 800 and mask[113:].all() and not mask[:113].any()
-        semantic = tokens[12:112] - layout.semantic_offset  # 4 s of semantic tokens
-        assert tokens[112] == layout.sep
+        assert len(tokens) == 463 and mask.sum() == 400 and mask[63:].all() and not mask[:63].any()
+        semantic = tokens[12:62] - layout.semantic_offset  # 2 s of semantic tokens
+        assert tokens[62] == layout.sep
         assert np.all(np.diff(semantic) == 1)  # one contiguous crop
-        acoustic = tokens[113:].reshape(200, 4) - np.array(layout.acoustic_offsets[:4])  # frame-major
+        acoustic = tokens[63:].reshape(100, 4) - np.array(layout.acoustic_offsets[:4])  # frame-major
         # acoustic frame f belongs to semantic frame f // 2 of the same crop
         expected = (np.repeat(semantic, 2)[:, None] + 7 * np.arange(4)[None, :]) % 1024
         assert np.array_equal(acoustic, expected)
@@ -108,13 +108,13 @@ def test_fine_layout_conditions_on_coarse():
     cfg = StageConfig.preset("fine", "tiny")
     layout = cfg.layout
     tokens, mask = build_training_example(aligned_sample(5.0), "fine", cfg, np.random.default_rng(2))
-    assert len(tokens) == 12 + 400 + 1 + 800 and mask.sum() == 800 and mask[413:].all()
-    coarse = tokens[12:412].reshape(100, 4) - np.array(layout.acoustic_offsets[:4])
-    fine = tokens[413:].reshape(100, 8) - np.array(layout.acoustic_offsets[4:])
-    assert tokens[412] == layout.sep
-    assert np.array_equal(fine - coarse[:, :1], (7 * np.arange(4, 12))[None, :].repeat(100, 0))
+    assert len(tokens) == 12 + 200 + 1 + 400 and mask.sum() == 400 and mask[213:].all()  # a 1-s crop
+    coarse = tokens[12:212].reshape(50, 4) - np.array(layout.acoustic_offsets[:4])
+    fine = tokens[213:].reshape(50, 8) - np.array(layout.acoustic_offsets[4:])
+    assert tokens[212] == layout.sep
+    assert np.array_equal(fine - coarse[:, :1], (7 * np.arange(4, 12))[None, :].repeat(50, 0))
     # the generated part decodes back to codes [8, F] per level
-    assert np.array_equal(layout.generated_codes(tokens[413:]), (fine % 1024).T)
+    assert np.array_equal(layout.generated_codes(tokens[213:]), (fine % 1024).T)
     assert layout.allowed_ranges(10)[9].tolist() == [1024, 2048]
 
 
