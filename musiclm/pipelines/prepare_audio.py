@@ -244,23 +244,96 @@ class _WriteDeadLetters(beam.DoFn):
         yield sh.write_dead_letters(self.out_dir, records)
 
 
+PLAN_FILE = "plan.json"
+
+
+def finished_shards(out_dir: str, prefix: str, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Shards a previous run of the *same* job (same inputs, windows, shard count, tokenizers) already wrote.
+
+    Shards appear under their final name only when complete (temporary name, then rename), so an
+    existing file is a finished shard. A different plan finishes nothing: everything is redone. The
+    current plan is recorded before the job runs, so a killed job leaves it behind for its rerun.
+    """
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    plan_path = sh.join_url(root, PLAN_FILE)
+    previous = None
+    if fs.exists(plan_path):
+        with fs.open(plan_path, "rb") as f:
+            try:
+                previous = json.loads(f.read())
+            except ValueError:
+                previous = None
+    fs.makedirs(root, exist_ok=True)
+    sh.write_bytes_atomic(sh.join_url(out_dir, PLAN_FILE), json.dumps(plan, indent=2, sort_keys=True).encode())
+    if previous != plan:
+        return {}
+    done: dict[int, dict[str, Any]] = {}
+    for index in range(plan["num_shards"]):
+        name = sh.shard_name(prefix, index)
+        path = sh.join_url(root, name)
+        if not fs.exists(path):
+            continue
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+        done[index] = {"name": name, "samples": len(keys), "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data), "written": False}
+    return done
+
+
+def job_plan(kind: str, uris: Sequence[str], window: int, hop: int, num_shards: int, **extra: Any) -> dict[str, Any]:
+    """What determines a job's shards: rerunning the same plan may reuse finished shards."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()
+    return {"kind": kind, "inputs_sha256": digest, "inputs": len(uris), "window": window, "hop": hop,
+            "num_shards": num_shards, "schema": SHARD_SCHEMA_VERSION, **extra}
+
+
+class SkipFinishedShards(beam.DoFn):
+    """Drops windows whose shard a previous run of the same job already wrote: no redone work."""
+
+    def __init__(self, done: Iterable[int], num_shards: int):
+        self.done, self.num_shards = frozenset(done), num_shards
+        self.skipped = Metrics.counter(NAMESPACE, "windows_in_finished_shards")
+
+    def process(self, window: dict[str, Any]) -> Iterable[dict[str, Any]]:
+        if sh.shard_index(window["key"], self.num_shards) in self.done:
+            self.skipped.inc()
+            return
+        yield window
+
+
 class WriteShards(beam.PTransform):
-    """Keyed samples -> shards: AssignShard (stable hash of the key) -> GroupByKey -> WriteShard -> manifest."""
+    """Keyed samples -> shards: AssignShard (stable hash of the key) -> GroupByKey -> WriteShard -> manifest.
+
+    ``done`` holds the manifest entries of shards finished by an earlier run (see ``finished_shards``);
+    they are listed in the manifest without being rewritten.
+    """
 
     def __init__(self, out_dir: str, prefix: str, num_shards: int, kind: str,
-                 tokenizers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+                 tokenizers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 done: dict[int, dict[str, Any]] | None = None):
         super().__init__()
         self.out_dir, self.prefix, self.num_shards = out_dir, prefix, num_shards
         self.kind, self.tokenizers, self.extra = kind, tokenizers, extra or {}
+        self.done = list((done or {}).values())
 
     def expand(self, samples: beam.PCollection) -> beam.PCollection:
-        num_shards = self.num_shards
+        num_shards, done = self.num_shards, self.done
         return (
             samples
             | "AssignShard" >> beam.Map(lambda s: (sh.shard_index(s["__key__"], num_shards), s))
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(WriteShard(self.out_dir, self.prefix))
             | "CollectShards" >> beam.combiners.ToList()
+            | "AddFinishedShards" >> beam.Map(lambda written: list(written) + done)
             | "WriteManifest" >> beam.ParDo(_WriteManifest(self.out_dir, self.kind, self.tokenizers, self.extra))
         )
 
@@ -358,6 +431,9 @@ def build_prepare_audio_pipeline(
     uris = expand_inputs(inputs)
     window = int(round(window_seconds * SAMPLE_RATE))
     hop = int(round((hop_seconds or window_seconds) * SAMPLE_RATE))
+    num_shards = num_shards or default_num_shards(len(uris))
+    done = finished_shards(out_dir, sh.AUDIO_SHARD_PREFIX, job_plan("audio", uris, window, hop, num_shards,
+                                                                   captions=captions_path))
     read = (
         p
         | "Create" >> beam.Create(uris)
@@ -366,10 +442,11 @@ def build_prepare_audio_pipeline(
     _ = (
         read.ok
         | "Window" >> beam.ParDo(CropWindows(window, hop))
+        | "SkipFinishedShards" >> beam.ParDo(SkipFinishedShards(done, num_shards))
         | "MakeAudioSample" >> beam.ParDo(MakeAudioSample(captions_path, SAMPLE_RATE, progress_path))
         | "WriteShards" >> WriteShards(
-            out_dir, sh.AUDIO_SHARD_PREFIX, num_shards or default_num_shards(len(uris)), kind="audio",
-            extra={"sample_rate": SAMPLE_RATE, "window_seconds": window_seconds},
+            out_dir, sh.AUDIO_SHARD_PREFIX, num_shards, kind="audio",
+            extra={"sample_rate": SAMPLE_RATE, "window_seconds": window_seconds}, done=done,
         )
     )
     _ = read[DEAD] | "DeadLetters" >> WriteDeadLetters(out_dir)

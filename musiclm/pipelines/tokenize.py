@@ -32,11 +32,14 @@ from musiclm.pipelines.prepare_audio import (
     NAMESPACE,
     CropWindows,
     ReadAndValidate,
+    SkipFinishedShards,
     WriteDeadLetters,
     WriteShards,
     caption_lookup,
     default_num_shards,
     expand_inputs,
+    finished_shards,
+    job_plan,
     run_job,
     window_metadata,
 )
@@ -131,6 +134,9 @@ def build_tokenize_pipeline(
     window_seconds = window_seconds or default_window_seconds(preset)
     window = int(round(window_seconds * SAMPLE_RATE))
     hop = int(round((hop_seconds or window_seconds) * SAMPLE_RATE))
+    num_shards = num_shards or default_num_shards(len(uris))
+    done = finished_shards(out_dir, sh.TOKEN_SHARD_PREFIX, job_plan("tokens", uris, window, hop, num_shards,
+                                                                   tokenizers=ids, captions=captions_path))
     read = (
         p
         | "Create" >> beam.Create(uris)
@@ -139,15 +145,17 @@ def build_tokenize_pipeline(
     tokenized = (
         read.ok
         | "Window" >> beam.ParDo(CropWindows(window, hop))
+        | "SkipFinishedShards" >> beam.ParDo(SkipFinishedShards(done, num_shards))
         # fixed-size batches (the remainder at the end of a bundle): no adaptive ramp-up from 1
         | "Batch" >> beam.BatchElements(min_batch_size=max_batch_size, max_batch_size=max_batch_size)
         | "Tokenize" >> beam.ParDo(Tokenize(str(ckpt_dir), preset, captions_path, ids, progress_path)).with_outputs(
             DEAD, main="samples")
     )
     manifest = tokenized.samples | "WriteShards" >> WriteShards(
-        out_dir, sh.TOKEN_SHARD_PREFIX, num_shards or default_num_shards(len(uris)), kind="tokens", tokenizers=ids,
+        out_dir, sh.TOKEN_SHARD_PREFIX, num_shards, kind="tokens", tokenizers=ids,
         extra={"preset": preset, "window_seconds": window_seconds, "hop_seconds": hop_seconds or window_seconds,
                "sample_rate": SAMPLE_RATE},
+        done=done,
     )
     _ = (read[DEAD], tokenized[DEAD]) | "FlattenDead" >> beam.Flatten() | "DeadLetters" >> WriteDeadLetters(out_dir)
     return manifest

@@ -246,13 +246,21 @@ class FactorizedVectorQuantizer(nn.Module):
         self.decay = decay
         self.dead_code_threshold = dead_code_threshold
         self.in_proj = nn.Linear(dim, code_dim)
+        # centres and scales the projected latents (running statistics at inference, so encoding stays
+        # frame-by-frame): without it the encoder's latents drift to one large shared offset, all
+        # directions coincide and every frame picks the same code
+        self.norm = nn.BatchNorm1d(code_dim, affine=False)
         self.out_proj = nn.Linear(code_dim, dim)
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))  # [C, d]
         self.register_buffer("usage", torch.full((codebook_size,), 2 * dead_code_threshold))  # [C] EMA
 
     def project(self, x: Tensor) -> Tensor:
         """``x[..., D] -> [..., d]`` unit vectors: the space where codes are matched."""
-        return F.normalize(self.in_proj(x), dim=-1)
+        h = self.in_proj(x)  # [..., d]
+        if self.training and h.numel() == h.shape[-1]:
+            return F.normalize(h, dim=-1)  # batch statistics need more than one vector
+        h = self.norm(h.reshape(-1, self.code_dim)).reshape(h.shape)  # [N, d] -> [..., d]
+        return F.normalize(h, dim=-1)
 
     def nearest_code(self, z: Tensor) -> Tensor:
         """Highest-cosine code of unit vectors ``z[..., d]`` -> long ``[...]``."""
