@@ -94,7 +94,8 @@ class MuLanLearner:
         decay = [p for n, p in self.module.named_parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for n, p in self.module.named_parameters() if p.requires_grad and p.dim() <= 1]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr
+            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr,
+            fused=True,  # one kernel instead of a loop over tensors (much faster on CPU)
         )
         self.step = 0
         self.rng = np.random.default_rng([seed, _rank()])

@@ -165,7 +165,7 @@ class W2VBertLearner:
         self.module.preset = preset
         self.model = wrap_model(self.module)
         wd = weight_decay if weight_decay is not None else defaults["weight_decay"]
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=wd)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=wd, fused=True)
         self.step = 0
         self.rng = np.random.default_rng([seed, _rank()])
         self.generator = torch.Generator().manual_seed(seed * 1000 + _rank())
