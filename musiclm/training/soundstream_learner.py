@@ -127,6 +127,14 @@ def si_snr(target: Tensor, estimate: Tensor, eps: float = 1e-8) -> Tensor:
     return 10 * torch.log10((projection.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))
 
 
+def code_perplexity(codes: Tensor, codebook_size: int) -> float:
+    """``exp(entropy)`` of the code histogram: the number of equally used codes it is worth (1 = a
+    collapsed codebook whose tokens carry no information)."""
+    p = torch.bincount(codes.reshape(-1), minlength=codebook_size).float() / max(codes.numel(), 1)  # [C]
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def split_real_fake(outputs: list[tuple[Tensor, list[Tensor]]], n: int) -> list[tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]]:
     """Discriminator outputs of ``cat([real, fake])`` -> per discriminator ``((real, fake) logits,
     [(real, fake) feature maps])``; one forward for both halves keeps DDP to one call per backward."""
@@ -260,7 +268,8 @@ class SoundStreamLearner:
         was_training = self.model.training
         self.model.eval()
         try:
-            recon = self.model.decode(self.model.encode(wav))
+            codes = self.model.encode(wav)  # [B, K, F]
+            recon = self.model.decode(codes)
         finally:
             self.model.train(was_training)
         target = wav[:, : recon.shape[-1]]
@@ -270,6 +279,7 @@ class SoundStreamLearner:
             "mel_distance": float(mel_distance),
             "si_snr": float(snr[torch.isfinite(snr)].mean()) if torch.isfinite(snr).any() else -math.inf,
             "wave_l1": float((recon - target).abs().mean()),
+            "codes_perplexity_l0": code_perplexity(codes[:, 0], self.config.codebook_size),
         }
 
     # -------------------------------------------------------------- state

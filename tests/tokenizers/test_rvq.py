@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from musiclm.tokenizers.rvq import ResidualVQ, RVQOutput, VectorQuantizer
+from musiclm.tokenizers.rvq import (
+    FactorizedResidualVQ,
+    FactorizedVectorQuantizer,
+    ResidualVQ,
+    RVQOutput,
+    VectorQuantizer,
+)
 
 torch.set_num_threads(1)
 
@@ -116,3 +122,55 @@ def test_errors():
         rvq.decode(torch.zeros(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError):
         rvq.decode(torch.full((1, 3, 2), 4))
+
+
+def test_factorized_codes_spread_over_offset_latents_and_round_trip():
+    # latents dominated by one large shared offset (what a collapsing encoder produces): matching
+    # directions without centring would give every vector the same code
+    torch.manual_seed(0)
+    rvq = FactorizedResidualVQ(dim=16, num_quantizers=3, codebook_size=64, code_dim=4)
+    x = 50.0 + torch.randn(4, 100, 16)
+    for _ in range(60):
+        out = rvq(x)  # training: running statistics of the code-space norm (momentum 0.1) settle
+    assert isinstance(out, RVQOutput) and out.codes.shape == (4, 100, 3) and out.commit_loss.ndim == 0
+    rvq.eval()
+    codes = rvq.encode(x)
+    assert codes.shape == (4, 100, 3) and codes.dtype == torch.long and 0 <= int(codes.min()) and int(codes.max()) < 64
+    assert codes[..., 0].unique().numel() > 20
+    assert torch.equal(codes, rvq(x).codes)
+    assert torch.allclose(rvq.decode(codes), rvq(x).quantized, atol=1e-5)
+    assert (rvq.decode(torch.full((1, 2, 3), -1)) == 0).all()
+
+
+def test_factorized_gradients_reach_input_codebook_and_projections():
+    torch.manual_seed(0)
+    rvq = FactorizedResidualVQ(dim=8, num_quantizers=2, codebook_size=16, code_dim=4)
+    x = torch.randn(2, 30, 8, requires_grad=True)
+    out = rvq(x)
+    (out.quantized.pow(2).sum() + out.commit_loss).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for layer in rvq.layers:
+        assert layer.codebook.grad is not None and layer.codebook.grad.abs().sum() > 0
+        assert layer.in_proj.weight.grad.abs().sum() > 0 and layer.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_factorized_dead_codes_restart_without_churn():
+    torch.manual_seed(0)
+    vq = FactorizedVectorQuantizer(dim=4, codebook_size=32, code_dim=4, decay=0.9, dead_code_threshold=0.05)
+    x = torch.randn(64, 4)
+    replaced = []
+    for _ in range(60):
+        vq(x)
+        replaced.append(int((vq.usage == 2 * vq.dead_code_threshold).sum()))
+    # a restarted code's usage is reset above the threshold: it is not restarted on the next step
+    steps_with_restarts = sum(1 for r in replaced if r > 0)
+    assert steps_with_restarts < 20, replaced
+    vq.eval()
+    assert vq.quantize(x).unique().numel() > 8
+
+
+def test_factorized_fit_for_untrained_bundles():
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    rvq = FactorizedResidualVQ(dim=16, num_quantizers=4, codebook_size=32, code_dim=4).eval().fit(x, iters=5)
+    codes = rvq.encode(x[None])
+    assert codes.shape == (1, 300, 4) and codes[0, :, 0].unique().numel() > 10

@@ -24,7 +24,7 @@ def tiny():
     torch.manual_seed(0)
     model = SoundStream(SoundStreamConfig.preset("tiny"))
     model.train()
-    model(0.1 * torch.randn(2, 4800))  # first training batch: k-means init of the codebooks
+    model(0.1 * torch.randn(2, 4800))  # a training batch: running statistics of the code-space norm
     return model.eval()
 
 

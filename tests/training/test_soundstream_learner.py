@@ -65,7 +65,8 @@ def test_short_run_reduces_reconstruction_error_and_round_trips(samples, tmp_pat
     assert learner.step == 27
     assert np.mean(history[-5:]) < 0.8 * np.mean(history[:3]), history
     report = learner.eval_step(held_out)
-    assert set(report) >= {"mel_distance", "si_snr", "wave_l1"} and np.isfinite(report["mel_distance"])
+    assert set(report) >= {"mel_distance", "si_snr", "wave_l1", "codes_perplexity_l0"}
+    assert np.isfinite(report["mel_distance"]) and 1.0 <= report["codes_perplexity_l0"] <= 6
 
     # resume: a fresh learner picks up models, optimizers, step and crop RNG
     state = learner.state_dict()
@@ -82,3 +83,10 @@ def test_short_run_reduces_reconstruction_error_and_round_trips(samples, tmp_pat
     learner.model.eval()
     assert torch.equal(codec.encode(held_out), learner.model.encode(held_out))
     assert codec.encode(held_out).shape == (1, 12, 6)
+
+
+def test_code_perplexity_known_answers():
+    from musiclm.training.soundstream_learner import code_perplexity
+
+    assert code_perplexity(torch.zeros(2, 50, dtype=torch.long), 1024) == pytest.approx(1.0)
+    assert code_perplexity(torch.arange(64).repeat(3), 1024) == pytest.approx(64.0, rel=1e-5)
