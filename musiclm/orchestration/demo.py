@@ -31,12 +31,12 @@ class DemoConfig:
     # training steps per component: sized so the whole demo fits in ~20 minutes on 2 cores
     steps: dict[str, int] = field(
         default_factory=lambda: {
-            "soundstream": 400,
+            "soundstream": 300,
             "w2vbert": 200,
-            "mulan": 200,
-            "semantic": 300,
-            "coarse": 300,
-            "fine": 300,
+            "mulan": 150,
+            "semantic": 150,
+            "coarse": 120,
+            "fine": 80,
         }
     )
     default_clips: int = 120

@@ -193,8 +193,8 @@ class SoundStreamLearner:
         self.generator_train = wrap_model(self.model)
         self.discriminator_train = wrap_model(self.discriminator)
         self.mel = MultiScaleMel(tc.mel_scales, tc.n_mels).to(self.device)
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=tc.disc_lr, betas=tc.betas)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas, fused=True)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=tc.disc_lr, betas=tc.betas, fused=True)
         self.step = 0
 
     # -------------------------------------------------------------- data
