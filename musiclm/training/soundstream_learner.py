@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from musiclm.checkpoint import save_artifact
 from musiclm.constants import ACOUSTIC_HOP, SAMPLE_RATE
+from musiclm.evaluation.learning import si_snr
 from musiclm.tokenizers.soundstream import SoundStream, SoundStreamConfig, SoundStreamDiscriminator
 
 
@@ -115,16 +116,6 @@ class MultiScaleMel(nn.Module):
             distance = distance + log_d
         n = len(self.scales)
         return loss / n, distance / n
-
-
-def si_snr(target: Tensor, estimate: Tensor, eps: float = 1e-8) -> Tensor:
-    """Scale-invariant signal-to-noise ratio in dB per item ``[B]``."""
-    target = target - target.mean(-1, keepdim=True)
-    estimate = estimate - estimate.mean(-1, keepdim=True)
-    scale = (estimate * target).sum(-1, keepdim=True) / (target.pow(2).sum(-1, keepdim=True) + eps)
-    projection = scale * target
-    noise = estimate - projection
-    return 10 * torch.log10((projection.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))
 
 
 def code_perplexity(codes: Tensor, codebook_size: int) -> float:
@@ -274,7 +265,7 @@ class SoundStreamLearner:
             self.model.train(was_training)
         target = wav[:, : recon.shape[-1]]
         _, mel_distance = self.mel(target, recon)
-        snr = si_snr(target, recon)
+        snr = si_snr(recon, target)
         return {
             "mel_distance": float(mel_distance),
             "si_snr": float(snr[torch.isfinite(snr)].mean()) if torch.isfinite(snr).any() else -math.inf,
