@@ -30,11 +30,14 @@ MAX_PROMPT_CHARS = 40
 
 def _random_codebooks(rvq, scale: float) -> None:
     """Untrained RVQs start with all-zero codebooks (k-means init at the first batch), which would
-    make every code decode alike; random ones let different tokens make different audio."""
-    for layer in rvq.layers:
-        layer.codebook.normal_(0.0, scale)
-        layer.embed_sum.copy_(layer.codebook)
-        layer.initted.fill_(True)
+    make every code decode alike; random ones let different tokens make different audio. (SoundStream's
+    factorized codebooks are parameters, already random.)"""
+    with torch.no_grad():
+        for layer in rvq.layers:
+            if hasattr(layer, "embed_sum"):  # EMA codebooks (MuLan's RVQ)
+                layer.codebook.normal_(0.0, scale)
+                layer.embed_sum.copy_(layer.codebook)
+                layer.initted.fill_(True)
 
 
 @pytest.fixture(scope="session")
