@@ -24,6 +24,9 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         steps={name: 6 for name in ("soundstream", "w2vbert", "mulan", "semantic", "coarse", "fine")},
     )
     report = run_demo(config)
+    import torch
+
+    assert torch.is_grad_enabled()  # the in-process Beam runner must not leak global torch state into its caller
     work = config.workdir
     assert report == work.resolve() / "report.md"
     results = json.loads((work / "report.json").read_text())

@@ -52,6 +52,10 @@ def connect(
             # cleaner warns every second that the state API is unavailable; prints still reach the driver
             "logging_config": ray.LoggingConfig(log_level="ERROR"),
         }
+        # Ray applies its LoggingConfig to this (driver) process's root logger too, which would silence
+        # every library warning after connecting; the driver keeps its own level
+        root = logging.getLogger()
+        level = root.level
         if address:
             ray.init(address=address, **common)
         else:
@@ -61,6 +65,7 @@ def connect(
                 include_dashboard=False,
                 **common,
             )
+        root.setLevel(level)
     return dict(ray.cluster_resources())
 
 

@@ -74,11 +74,10 @@ class Tokenize(beam.DoFn):
         self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms_tokenized")
 
     def setup(self) -> None:
-        import torch
-
+        # no global torch.set_grad_enabled(False) here: the in-process runner shares the caller's thread
+        # state; the bundle's tokenize methods run under no_grad themselves
         from musiclm.tokenizers.bundle import TokenizerBundle
 
-        torch.set_grad_enabled(False)
         self.bundle = TokenizerBundle.load(self.ckpt_dir, self.preset)
         self.lookup = caption_lookup(self.captions_path)
 

@@ -75,6 +75,7 @@ def test_run_tokenize_dead_letters_memory_inputs_known_answer_and_reruns(ckpt, b
     out = tmp_path / "tokens"
 
     stats = run_tokenize(inputs, str(out), ckpt, progress=False, window_seconds=1.0)
+    assert torch.is_grad_enabled()  # the in-process runner shares this thread: no global torch state may leak
     assert (stats["files_in"], stats["files_ok"], stats["files_dead"], stats["windows"]) == (5, 2, 3, 3)
     assert stats["audio_seconds"] == 3.0 and stats["shards"] >= 1
     assert json.loads((out / "stats.json").read_text()) == stats
