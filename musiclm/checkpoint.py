@@ -126,6 +126,21 @@ def load_artifact(
     return document, load_file(str(weights))
 
 
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``module.load_state_dict(weights)``, refusing weights of another architecture version with one
+    clear ``CheckpointError`` instead of a page of key names."""
+    expected = module.state_dict()
+    missing = set(expected) - set(weights)
+    unexpected = set(weights) - set(expected)
+    reshaped = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(
+            f"{path} does not fit this version's {type(module).__name__} ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected and {len(reshaped)} differently shaped tensors): it was saved by another version; retrain it"
+        )
+    module.load_state_dict(weights)
+
+
 def artifact_id(path: str | os.PathLike) -> str:
     """A short content id (kind, preset and a hash of config + weights) recorded in shard metadata."""
     document = read_artifact_config(path)

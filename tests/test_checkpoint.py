@@ -65,3 +65,15 @@ def test_artifact_id_changes_with_the_weights(tmp_path):
     assert artifact_id(tmp_path / "a") == first
     save_artifact(tmp_path / "a", kind="toy", preset="tiny", config=ToyConfig(), state_dict={"w": torch.zeros(2)})
     assert artifact_id(tmp_path / "a") != first
+
+
+def test_weights_of_another_architecture_version_are_one_clear_error(tmp_path):
+    from musiclm.checkpoint import load_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    old = {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3), "2.weight": torch.zeros(2, 3)}
+    with pytest.raises(CheckpointError, match=r"2 missing, 1 unexpected and 1 differently shaped tensors"):
+        load_weights(model, old, tmp_path)
+    good = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    load_weights(model, good, tmp_path)
+    assert torch.equal(model[1].bias, torch.ones(2))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musiclm.audio import MelSpectrogram, window_starts
-from musiclm.checkpoint import CheckpointError, config_from_dict, load_artifact, save_artifact
+from musiclm.checkpoint import CheckpointError, config_from_dict, load_artifact, load_weights, save_artifact
 from musiclm.constants import (
     MULAN_CODEBOOK_SIZE,
     MULAN_CODEBOOKS,
@@ -386,7 +386,7 @@ def load_mulan_rvq(path: str | Path, preset: str | None = None) -> ResidualVQ:
     document, weights = load_artifact(path, kind="mulan_rvq", preset=preset)
     cfg = document["config"]
     rvq = ResidualVQ(cfg["dim"], cfg["num_quantizers"], cfg["codebook_size"])
-    rvq.load_state_dict(weights)
+    load_weights(rvq, weights, path)
     return rvq.eval()
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musiclm.audio import MelSpectrogram
-from musiclm.checkpoint import config_from_dict, load_artifact, save_artifact
+from musiclm.checkpoint import config_from_dict, load_artifact, load_weights, save_artifact
 from musiclm.constants import SAMPLE_RATE, SEMANTIC_CODEBOOK_SIZE, SEMANTIC_FRAME_RATE, SEMANTIC_HOP
 from musiclm.tokenizers.kmeans import KMeans
 from musiclm.tokenizers.rvq import VectorQuantizer
@@ -437,7 +437,7 @@ def save_w2vbert(model: W2VBert, out_dir: str | Path, preset: str, meta: dict | 
 def load_w2vbert(path: str | Path, preset: str | None = None) -> W2VBert:
     document, weights = load_artifact(path, kind="w2vbert", preset=preset)
     model = W2VBert(config_from_dict(W2VBertConfig, document["config"]))
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     model.preset = document["preset"]
     return model.eval()
 
@@ -458,7 +458,7 @@ def load_kmeans(path: str | Path, preset: str | None = None) -> KMeans:
     document, weights = load_artifact(path, kind="semantic_kmeans", preset=preset)
     cfg = document["config"]
     kmeans = KMeans(cfg["k"], cfg["dim"])
-    kmeans.load_state_dict(weights)
+    load_weights(kmeans, weights, path)
     return kmeans.eval()
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from musiclm.checkpoint import config_from_dict, load_artifact
+from musiclm.checkpoint import config_from_dict, load_artifact, load_weights
 from musiclm.constants import (
     ACOUSTIC_CODEBOOK_SIZE,
     ACOUSTIC_CODEBOOKS,
@@ -260,7 +260,7 @@ def load_soundstream(path: str | os.PathLike, preset: str | None = None) -> Soun
     """The trained codec of an artifact folder (kind ``soundstream``), in eval mode."""
     document, state = load_artifact(path, kind="soundstream", preset=preset)
     model = SoundStream(config_from_dict(SoundStreamConfig, document["config"]))
-    model.load_state_dict(state)
+    load_weights(model, state, path)
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from musiclm.checkpoint import (
     CheckpointError,
     config_from_dict,
     load_artifact,
+    load_weights,
     read_artifact_config,
     save_artifact,
 )
@@ -195,5 +196,5 @@ def load_stage(
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the stage config does not match this version: {exc}") from exc
     model = StageTransformer(config.transformer)
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     return model.eval(), config
