@@ -11,6 +11,7 @@ straight-through estimator; a commitment loss pulls the encoder output toward it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -121,6 +122,9 @@ class VectorQuantizer(nn.Module):
 class ResidualVQ(nn.Module):
     """``num_quantizers`` VectorQuantizers, each applied to the residual of the ones before it."""
 
+    # EMA codebooks learn without gradients: one straight-through estimator carries the encoder's
+    straight_through = True
+
     def __init__(
         self,
         dim: int,
@@ -131,6 +135,7 @@ class ResidualVQ(nn.Module):
         kmeans_init: bool = True,
         dead_code_threshold: float = 2.0,
         quantizer_dropout: bool = False,
+        make_layer: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
         self.dim = dim
@@ -138,10 +143,8 @@ class ResidualVQ(nn.Module):
         self.codebook_size = codebook_size
         self.commitment_weight = commitment_weight
         self.quantizer_dropout = quantizer_dropout
-        self.layers = nn.ModuleList(
-            VectorQuantizer(dim, codebook_size, decay, kmeans_init, dead_code_threshold)
-            for _ in range(num_quantizers)
-        )
+        make_layer = make_layer or (lambda: VectorQuantizer(dim, codebook_size, decay, kmeans_init, dead_code_threshold))
+        self.layers = nn.ModuleList(make_layer() for _ in range(num_quantizers))
 
     @property
     def codebooks(self) -> Tensor:
@@ -167,12 +170,14 @@ class ResidualVQ(nn.Module):
         losses = []
         for k, layer in enumerate(self.layers[:n_q]):
             q, c, commit = layer(residual)
-            residual = residual - q.detach()
-            total = total + q.detach()
+            if self.straight_through:
+                q = q.detach()
+            residual = residual - q
+            total = total + q
             codes[..., k] = c
             losses.append(commit)
         # one straight-through estimator for the sum: d quantized / d x = identity (not K x identity)
-        quantized = x + (total - x).detach()
+        quantized = x + (total - x).detach() if self.straight_through else total
         commit_loss = torch.stack(losses).mean() * self.commitment_weight
         return RVQOutput(quantized, codes, commit_loss)
 
@@ -180,7 +185,7 @@ class ResidualVQ(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """``x[B, N, D] -> codes[B, N, K]`` long, every level."""
         self._check(x)
-        residual = x.float()
+        residual = x.to(self.layers[0].codebook.dtype)
         codes = []
         for layer in self.layers:
             c = layer.quantize(residual)  # [B, N]
@@ -327,6 +332,8 @@ class FactorizedResidualVQ(ResidualVQ):
     ``RVQOutput``, ``encode``, ``decode``, ``fit``), gradient-trained codebooks. The residual keeps its
     gradient, so every level's projections learn from the reconstruction loss."""
 
+    straight_through = False
+
     def __init__(
         self,
         dim: int,
@@ -338,15 +345,10 @@ class FactorizedResidualVQ(ResidualVQ):
         quantizer_dropout: bool = False,
         decay: float = 0.99,
     ):
-        nn.Module.__init__(self)
-        self.dim = dim
-        self.num_quantizers = num_quantizers
-        self.codebook_size = codebook_size
-        self.commitment_weight = commitment_weight
-        self.quantizer_dropout = quantizer_dropout
-        self.layers = nn.ModuleList(
-            FactorizedVectorQuantizer(dim, codebook_size, code_dim, decay, dead_code_threshold)
-            for _ in range(num_quantizers)
+        super().__init__(
+            dim, num_quantizers, codebook_size, commitment_weight=commitment_weight,
+            quantizer_dropout=quantizer_dropout,
+            make_layer=lambda: FactorizedVectorQuantizer(dim, codebook_size, code_dim, decay, dead_code_threshold),
         )
 
     @property
@@ -354,34 +356,3 @@ class FactorizedResidualVQ(ResidualVQ):
         """All code-space codebooks, normalised: ``[K, C, d]``."""
         return torch.stack([F.normalize(layer.codebook.detach(), dim=-1) for layer in self.layers])
 
-    def forward(self, x: Tensor, n_q: int | None = None) -> RVQOutput:
-        """Quantize ``x[B, N, D]`` with the first ``n_q`` levels (see ``ResidualVQ.forward``)."""
-        self._check(x)
-        if n_q is None:
-            n_q = self.num_quantizers
-            if self.training and self.quantizer_dropout:
-                n_q = int(torch.randint(1, self.num_quantizers + 1, (1,)))
-        residual = x
-        total = torch.zeros_like(x)
-        codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.long, device=x.device)
-        losses = []
-        for k, layer in enumerate(self.layers[:n_q]):
-            q, c, loss = layer(residual)
-            residual = residual - q
-            total = total + q
-            codes[..., k] = c
-            losses.append(loss)
-        commit_loss = torch.stack(losses).mean() * self.commitment_weight
-        return RVQOutput(total, codes, commit_loss)
-
-    @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """``x[B, N, D] -> codes[B, N, K]`` long, every level."""
-        self._check(x)
-        residual = x.to(self.layers[0].codebook.dtype)
-        codes = []
-        for layer in self.layers:
-            c = layer.quantize(residual)  # [B, N]
-            residual = residual - layer.dequantize(c)
-            codes.append(c)
-        return torch.stack(codes, dim=-1)  # [B, N, K]

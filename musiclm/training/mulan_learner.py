@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from musiclm.constants import SAMPLE_RATE
 from musiclm.tokenizers.mulan import MuLan, MuLanConfig, save_mulan
-from musiclm.training.w2vbert_learner import random_crops
+from musiclm.training.w2vbert_learner import random_crops, worker_rank
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ def retrieval_recall(audio: torch.Tensor, text: torch.Tensor, same: torch.Tensor
     k = min(k, audio.shape[0])
     top = (text @ audio.T).topk(k, dim=1).indices  # [B, k]
     return float(same.gather(1, top).any(1).float().mean())
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 class MuLanLearner:
@@ -98,7 +92,7 @@ class MuLanLearner:
             fused=True,  # one kernel instead of a loop over tensors (much faster on CPU)
         )
         self.step = 0
-        self.rng = np.random.default_rng([seed, _rank()])
+        self.rng = np.random.default_rng([seed, worker_rank()])
         self.skipped_no_caption = 0
         self._text_cache: dict[str, torch.Tensor] = {}
 

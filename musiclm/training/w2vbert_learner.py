@@ -123,7 +123,8 @@ def random_crops(wavs: list[np.ndarray], length: int, rng: np.random.Generator) 
     return torch.from_numpy(out)  # [B, length]
 
 
-def _rank() -> int:
+def worker_rank() -> int:
+    """This process's rank among the training workers (0 outside torch.distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
@@ -167,8 +168,8 @@ class W2VBertLearner:
         wd = weight_decay if weight_decay is not None else defaults["weight_decay"]
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=wd, fused=True)
         self.step = 0
-        self.rng = np.random.default_rng([seed, _rank()])
-        self.generator = torch.Generator().manual_seed(seed * 1000 + _rank())
+        self.rng = np.random.default_rng([seed, worker_rank()])
+        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_rank())
         self.skipped = 0
 
     # ------------------------------------------------------------------ data
