@@ -261,6 +261,10 @@ class MuLan(nn.Module):
         self.preset: str | None = None  # set by load_mulan / the learner, recorded in derived artifacts
 
     @property
+    def embedding_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
     def window(self) -> int:
         return int(round(self.config.window_seconds * self.config.sample_rate))
 
@@ -309,12 +313,15 @@ class MuLan(nn.Module):
 
 
 class MuLanConditioner(nn.Module):
-    """MuLan + the RVQ (12 × 1024) fitted on its audio embeddings: M_A from audio, M_T from text."""
+    """MuLan + the RVQ (12 × 1024) fitted on its audio embeddings: M_A from audio, M_T from text.
 
-    def __init__(self, mulan: MuLan, rvq: ResidualVQ):
+    ``mulan`` is our MuLan or any pair of towers with ``embed_audio``, ``embed_text`` and
+    ``embedding_dim`` (the pretrained CLAP adapter)."""
+
+    def __init__(self, mulan: nn.Module, rvq: ResidualVQ):
         super().__init__()
-        if rvq.dim != mulan.config.embed_dim:
-            raise ValueError(f"RVQ of dim {rvq.dim} cannot quantize {mulan.config.embed_dim}-d MuLan embeddings")
+        if rvq.dim != mulan.embedding_dim:
+            raise ValueError(f"RVQ of dim {rvq.dim} cannot quantize {mulan.embedding_dim}-d embeddings")
         self.mulan = mulan
         self.rvq = rvq
 

@@ -347,6 +347,10 @@ class W2VBert(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         return num_samples // SEMANTIC_HOP
 
+    @property
+    def feature_dim(self) -> int:
+        return self.config.dim
+
     def forward(self, wav: torch.Tensor, mask: torch.Tensor) -> W2VBertOutput:
         """Everything the w2v-BERT losses need. ``wav`` [B, T]; ``mask`` bool [B, T // 960]."""
         x, mel = self.subsampler(wav)  # [B, F, D], [B, F, 4 * n_mels]
@@ -404,15 +408,18 @@ def count_parameters(config: W2VBertConfig) -> int:
 
 
 class SemanticTokenizer(nn.Module):
-    """w2v-BERT features quantized by k-means: wav [B, T] -> long [B, T // 960] at 25 Hz."""
+    """Features quantized by k-means: wav [B, T] -> long [B, T // 960] at 25 Hz.
+
+    ``w2vbert`` is our W2VBert or any feature model with ``features(wav) -> [B, T // 960, D]`` and
+    ``feature_dim`` (the pretrained HuBERT / w2v-BERT 2.0 adapters)."""
 
     frame_rate = SEMANTIC_FRAME_RATE
 
-    def __init__(self, w2vbert: W2VBert, kmeans: KMeans):
+    def __init__(self, w2vbert: nn.Module, kmeans: KMeans):
         super().__init__()
-        if kmeans.centroids.shape[-1] != w2vbert.config.dim:
+        if kmeans.centroids.shape[-1] != w2vbert.feature_dim:
             raise ValueError(
-                f"k-means centroids have dim {kmeans.centroids.shape[-1]}, w2v-BERT features {w2vbert.config.dim}"
+                f"k-means centroids have dim {kmeans.centroids.shape[-1]}, the features {w2vbert.feature_dim}"
             )
         self.w2vbert = w2vbert
         self.kmeans = kmeans
