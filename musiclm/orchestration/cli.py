@@ -85,8 +85,14 @@ def _print_job_stats(stats: dict, out: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _require_dir(args.data, "--data")
+    from musiclm.training import registry
     from musiclm.training.runner import train
 
+    options = _parse_options(args.option)
+    accepted = registry.accepted_options(args.component) - {"self", "preset", "device", "wrap_model"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"{args.component} has no option {', '.join(unknown)}; its options are {', '.join(sorted(accepted))}")
     result = train(
         args.component,
         args.data,
@@ -98,9 +104,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         log_every=args.log_every,
+        learner_options=options or None,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _parse_options(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON where they parse (numbers, true/false), else as text."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -110,6 +131,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     out = fit_component(args.what, args.data, args.tokenizers, max_windows=args.max_windows)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    if args.backends_action == "show":
+        _require_dir(args.tokenizers, "--tokenizers")
+    from musiclm.tokenizers.backends import describe_backends, set_backend
+
+    if args.backends_action == "set":
+        path = set_backend(args.tokenizers, args.role, args.backend, args.path, _parse_options(args.option) or None)
+        print(f"wrote {path}")
+    print(describe_backends(args.tokenizers))
     return 0
 
 
@@ -210,12 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="a learner option, e.g. --option text_trainable=true (repeatable)")
 
     fit = sub.add_parser("fit", help="fit the semantic k-means or MuLan's RVQ on audio shards")
     fit.add_argument("what", choices=["semantic_kmeans", "mulan_rvq"])
     fit.add_argument("--data", required=True, help="audio shards")
     fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/ and mulan/")
     fit.add_argument("--max-windows", type=int, default=2000)
+
+    backends = sub.add_parser(
+        "backends", help="choose the model behind each kind of token: ours or a pretrained one from a local folder"
+    )
+    backends_sub = backends.add_subparsers(dest="backends_action", required=True, metavar="ACTION")
+    show = backends_sub.add_parser("show", help="which backend makes each kind of token, and the token rates")
+    show.add_argument("--tokenizers", required=True, help="tokenizer checkpoint folder")
+    use = backends_sub.add_parser(
+        "set",
+        help="use a backend for a role (loads it once to check)",
+        epilog="roles and backends: acoustic soundstream|encodec; semantic w2vbert|hubert|w2v-bert-2.0; "
+        "conditioner mulan|clap. Naming ours (soundstream, w2vbert, mulan) resets the role.",
+    )
+    use.add_argument("role", choices=["acoustic", "semantic", "conditioner"])
+    use.add_argument("backend")
+    use.add_argument("path", nargs="?", help="local folder of the pretrained model (transformers' save_pretrained)")
+    use.add_argument("--tokenizers", required=True, help="tokenizer checkpoint folder (backends.json goes there)")
+    use.add_argument("--option", action="append", metavar="KEY=VALUE",
+                     help="backend option, e.g. bandwidth=6.0 (encodec), layer=6 (hubert) (repeatable)")
 
     generate = sub.add_parser("generate", help="text → music with the trained cascade")
     generate.add_argument("prompt")
@@ -262,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize": lambda a: cmd_tokenize(a, beam_args),
         "train": cmd_train,
         "fit": cmd_fit,
+        "backends": cmd_backends,
         "generate": cmd_generate,
         "serve": cmd_serve,
         "demo": cmd_demo,

@@ -19,7 +19,8 @@ the functions below, so a backend is selectable everywhere at once.
 
 ``token_rates(ckpt_dir)`` gives the :class:`TokenRates` the tokens come at; ``token_info(ckpt_dir)``
 (backend, version, rates, artifact ids) goes into every shard's metadata, and stage training refuses
-shards whose ``token_info`` differ.
+shards whose ``token_info`` differ. ``set_backend`` (which loads the model once before writing) and
+``describe_backends`` are what ``musiclm backends set|show`` call.
 """
 
 from __future__ import annotations
@@ -195,11 +196,20 @@ def load_semantic_features(ckpt_dir: str | Path, preset: str | None = None, devi
 
 
 def load_semantic(ckpt_dir: str | Path, preset: str | None = None, device: Any = "cpu") -> Any:
+    from musiclm.checkpoint import CheckpointError
     from musiclm.tokenizers.semantic import SemanticTokenizer, load_kmeans
 
     features = load_semantic_features(ckpt_dir, preset, device)
-    kmeans_preset = preset if not read_backends(ckpt_dir)["semantic"].pretrained else None
-    kmeans = load_kmeans(Path(ckpt_dir) / "semantic_kmeans", kmeans_preset)
+    spec = read_backends(ckpt_dir)["semantic"]
+    kmeans_dir = Path(ckpt_dir) / "semantic_kmeans"
+    kmeans = load_kmeans(kmeans_dir, preset if not spec.pretrained else None)
+    dim = int(kmeans.centroids.shape[-1])
+    if dim != features.feature_dim:
+        raise CheckpointError(
+            f"{kmeans_dir} was fitted on {dim}-d features but the semantic backend {_describe_spec(spec)} "
+            f"gives {features.feature_dim}-d ones: refit it "
+            f"(musiclm fit semantic_kmeans --tokenizers {ckpt_dir})"
+        )
     return SemanticTokenizer(features, kmeans).to(_device(device)).eval()
 
 
@@ -215,23 +225,49 @@ def load_conditioner_towers(ckpt_dir: str | Path, preset: str | None = None, dev
 
 
 def load_conditioner(ckpt_dir: str | Path, preset: str | None = None, device: Any = "cpu") -> Any:
+    from musiclm.checkpoint import CheckpointError
     from musiclm.tokenizers.mulan import MuLanConditioner, load_mulan_rvq
 
     towers = load_conditioner_towers(ckpt_dir, preset, device)
-    rvq_preset = preset if not read_backends(ckpt_dir)["conditioner"].pretrained else None
-    rvq = load_mulan_rvq(Path(ckpt_dir) / "mulan_rvq", rvq_preset)
+    spec = read_backends(ckpt_dir)["conditioner"]
+    rvq_dir = Path(ckpt_dir) / "mulan_rvq"
+    rvq = load_mulan_rvq(rvq_dir, preset if not spec.pretrained else None)
+    if rvq.dim != towers.embedding_dim:
+        raise CheckpointError(
+            f"{rvq_dir} was fitted on {rvq.dim}-d embeddings but the conditioner backend "
+            f"{_describe_spec(spec)} gives {towers.embedding_dim}-d ones: refit it "
+            f"(musiclm fit mulan_rvq --tokenizers {ckpt_dir})"
+        )
     return MuLanConditioner(towers, rvq).to(_device(device)).eval()
 
 
+def _describe_spec(spec: BackendSpec) -> str:
+    if not spec.pretrained:
+        return f"'{spec.backend}' (ours)"
+    options = f", {', '.join(f'{k}={v}' for k, v in spec.options.items())}" if spec.options else ""
+    return f"'{spec.backend}' ({spec.path}{options})"
+
+
 def token_rates(ckpt_dir: str | Path) -> TokenRates:
-    """The rates and vocabularies of the tokens this folder's tokenizers make."""
-    specs = read_backends(ckpt_dir)
-    acoustic = {}
+    """The rates and vocabularies of the tokens this folder's tokenizers make: the acoustic ones from the
+    acoustic backend, the semantic vocabulary from ``semantic_kmeans/`` (its k) and the conditioning
+    ones from ``mulan_rvq/`` (levels × codebook size) where those are fitted; the paper's otherwise."""
+    from musiclm.checkpoint import CONFIG_FILE, read_artifact_config
+
+    ckpt = Path(ckpt_dir)
+    specs = read_backends(ckpt)
+    fields: dict[str, int] = {}
     if specs["acoustic"].pretrained:
         from musiclm.tokenizers import pretrained
 
-        acoustic = pretrained.backend_info(specs["acoustic"])["rates"]
-    return TokenRates(**acoustic)
+        fields.update(pretrained.backend_info(specs["acoustic"])["rates"])
+    if (ckpt / "semantic_kmeans" / CONFIG_FILE).is_file():
+        fields["semantic_codebook_size"] = int(read_artifact_config(ckpt / "semantic_kmeans")["config"]["k"])
+    if (ckpt / "mulan_rvq" / CONFIG_FILE).is_file():
+        rvq = read_artifact_config(ckpt / "mulan_rvq")["config"]
+        fields["conditioning_codebooks"] = int(rvq["num_quantizers"])
+        fields["conditioning_codebook_size"] = int(rvq["codebook_size"])
+    return TokenRates(**fields)
 
 
 def token_info(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -261,3 +297,108 @@ def token_info(ckpt_dir: str | Path) -> dict[str, Any]:
         info[role] = entry
     info["rates"] = token_rates(ckpt).to_dict()
     return info
+
+
+# --------------------------------------------------------------------------- musiclm backends set | show
+
+_LOADERS = {
+    "acoustic": "load_acoustic",
+    "semantic": "load_semantic_features",
+    "conditioner": "load_conditioner_towers",
+}
+_FITTED = {"semantic": "semantic_kmeans", "conditioner": "mulan_rvq"}
+
+
+def set_backend(
+    ckpt_dir: str | Path,
+    role: str,
+    backend: str,
+    path: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> Path:
+    """Make ``role`` use ``backend`` in ``CKPT_DIR/backends.json`` (the other roles are kept) and return the
+    file. A pretrained backend is loaded once first, so a folder, option or model that does not fit is
+    refused (``CheckpointError`` / ``ValueError``) before anything is written; naming the role's own
+    model (``soundstream``, ``w2vbert``, ``mulan``) resets the role to ours."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role '{role}', valid roles are {', '.join(ROLES)}")
+    valid = (OURS[role], *PRETRAINED[role])
+    if backend not in valid:
+        raise ValueError(f"unknown {role} backend '{backend}', valid ones are {', '.join(valid)}")
+    specs = read_backends(ckpt_dir)
+    if backend == OURS[role]:
+        if path or options:
+            raise ValueError(f"the {role} backend '{backend}' is ours: it takes no path or options")
+        specs[role] = BackendSpec(role, backend)
+    else:
+        if not path:
+            raise ValueError(f"the {role} backend '{backend}' needs the path of its local model folder")
+        spec = BackendSpec(role, backend, str(Path(path).resolve()), dict(options or {}))
+        from musiclm.tokenizers import pretrained
+
+        getattr(pretrained, _LOADERS[role])(spec, _device("cpu"))
+        specs[role] = spec
+    return write_backends(ckpt_dir, specs)
+
+
+def _fitted_summary(ckpt: Path, role: str) -> str:
+    from musiclm.checkpoint import CONFIG_FILE, CheckpointError, read_artifact_config
+
+    name = _FITTED[role]
+    if not (ckpt / name / CONFIG_FILE).is_file():
+        return f"{name}/ not fitted"
+    try:
+        cfg = read_artifact_config(ckpt / name)["config"]
+    except CheckpointError as err:
+        return f"{name}/ unreadable: {err}"
+    if role == "semantic":
+        return f"{name}/ {cfg['k']} × {cfg['dim']}-d"
+    return f"{name}/ {cfg['num_quantizers']} × {cfg['codebook_size']} on {cfg['dim']}-d"
+
+
+def describe_backends(ckpt_dir: str | Path) -> str:
+    """A short table of which model makes each kind of token in ``ckpt_dir``, with the token rates.
+    Reads configs only (no weights); a folder that would be refused shows its reason instead."""
+    ckpt = Path(ckpt_dir)
+    ours_folder = {"acoustic": "soundstream", "semantic": "w2vbert", "conditioner": "mulan"}
+    try:
+        specs = read_backends(ckpt)
+    except ValueError as err:
+        return f"{ckpt / BACKENDS_FILE}: {err}"
+    rows = [("role", "backend", "model", "details")]
+    for role, spec in specs.items():
+        if spec.pretrained:
+            from musiclm.checkpoint import CheckpointError
+            from musiclm.tokenizers import pretrained
+
+            try:
+                info = pretrained.backend_info(spec)
+            except (CheckpointError, ValueError) as err:
+                rows.append((role, spec.backend, str(spec.path), f"REFUSED: {err}"))
+                continue
+            details = [" ".join(f"{k}={v}" for k, v in info["options"].items())]
+            if "feature_dim" in info:
+                details.append(f"{info['feature_dim']}-d features")
+            if "embedding_dim" in info:
+                details.append(f"{info['embedding_dim']}-d embeddings")
+            model = f"{spec.path} ({info['id']}, transformers {info['version']})"
+        else:
+            folder = ours_folder[role]
+            present = (ckpt / folder / "config.json").is_file()
+            model, details = f"{folder}/" + ("" if present else " (missing)"), ["ours"]
+        if role in _FITTED:
+            details.append(_fitted_summary(ckpt, role))
+        rows.append((role, spec.backend, model, "; ".join(d for d in details if d)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    try:
+        r = token_rates(ckpt)
+        lines.append(
+            f"tokens: acoustic {r.acoustic_frame_rate} Hz × {r.acoustic_codebooks} × "
+            f"{r.acoustic_codebook_size} (coarse {r.coarse_levels}), "
+            f"semantic {r.semantic_frame_rate} Hz × {r.semantic_codebook_size}, "
+            f"conditioning {r.conditioning_codebooks} × {r.conditioning_codebook_size}"
+        )
+    except Exception as err:  # noqa: BLE001 — a human summary shows the reason rather than failing
+        lines.append(f"tokens: unknown ({err})")
+    return "\n".join(line.rstrip() for line in lines)
