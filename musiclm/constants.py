@@ -1,5 +1,9 @@
 """Rates fixed by the MusicLM paper; every preset (tiny included) keeps them so that
-token shards, stage layouts and the cascade agree whatever the model sizes are."""
+token shards, stage layouts and the cascade agree whatever the model sizes are.
+
+They are the *defaults* of ``musiclm.tokenizers.backends.TokenRates``: a pretrained acoustic backend
+(EnCodec: 75 Hz x 8 x 1024) makes tokens at other rates, which the shards record and the stage
+configs carry; code that handles tokens reads the rates from there, not from these constants."""
 
 SAMPLE_RATE = 24_000  # Hz, SoundStream's and therefore the whole system's rate
 
@@ -21,4 +25,6 @@ MULAN_WINDOW_STRIDE_SECONDS = 1.0  # ... averaged with a 1-s stride over longer 
 
 SAMPLING_TEMPERATURES = {"semantic": 1.0, "coarse": 0.95, "fine": 0.4}
 
-SHARD_SCHEMA_VERSION = 1
+# 2: token samples record ``token_info`` (backends, versions, rates) and acoustic tokens may be [F, K]
+# at the backend's rate; version-1 shards (SoundStream's [F, 12] at 50 Hz, no token_info) still train
+SHARD_SCHEMA_VERSION = 2

@@ -4,10 +4,11 @@ A shard is a plain tar ``NAME-000000.tar`` holding one sample per crop window. E
 a sample is named ``KEY.EXT``; keys contain no dot (``ray.data.read_webdataset`` and
 WebDataset both split the member name at the first dot). Token samples carry
 
-    KEY.json           source URI, window start/end (s), caption, aspects, tokenizer ids, schema
-    KEY.acoustic.npy   int16 [F, 12]   SoundStream codes, 50 Hz
-    KEY.semantic.npy   int16 [F / 2]   w2v-BERT k-means tokens, 25 Hz
-    KEY.mulan.npy      int16 [12]      MuLan audio tokens M_A
+    KEY.json           source URI, window start/end (s), caption, aspects, schema, tokenizer ids
+                       (``tokenizers``) and ``token_info`` (backends, versions, ids, token rates)
+    KEY.acoustic.npy   int16 [F, K]    acoustic codes (SoundStream 50 Hz x 12; EnCodec 75 Hz x 8)
+    KEY.semantic.npy   int16 [F_s]     semantic tokens, 25 Hz
+    KEY.mulan.npy      int16 [12]      conditioning tokens M_A
     KEY.melody.npy     int16 [..]      melody tokens (when present)
 
 and audio samples (for tokenizer training) carry ``KEY.json`` + ``KEY.flac`` (24 kHz mono).
@@ -19,6 +20,11 @@ Next to the shards live ``manifest.json`` (shards, sample counts, sha256), ``dea
 (every input that was not tokenized, with the reason) and ``stats.json``.
 
 Only numpy, JSON and FLAC are stored: nothing is ever unpickled (``allow_pickle=False``).
+
+Schema versions: 1 (issue 2) had no ``token_info`` and always SoundStream's 50 Hz x 12 tokens; 2 adds
+``token_info`` and lets ``acoustic`` have the backend's shape. Version-1 shards still train: they
+are read as the paper's rates, and two shards are compared by their ``tokenizers`` ids when either
+lacks ``token_info``. Shards of a newer schema than this code knows are refused.
 """
 
 from __future__ import annotations
@@ -380,3 +386,92 @@ def iter_samples(
             yield decode_sample(raw)
         if not repeat or count == 0:  # a reader given no shards must not spin forever
             return
+
+
+# ----------------------------------------------------------------------------- which tokenizers made a shard
+
+
+def first_sample_json(url: str) -> dict[str, Any] | None:
+    """The ``json`` member of a shard's first sample (reads only the tar's first members), or None."""
+    try:
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            first_key = None
+            for member in tar:
+                key, dot, suffix = member.name.rsplit("/", 1)[-1].partition(".")
+                if not dot:
+                    continue
+                if first_key is None:
+                    first_key = key
+                elif key != first_key:
+                    return None
+                if suffix == "json":
+                    data = tar.extractfile(member)
+                    return json.loads(data.read()) if data is not None else None
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        raise ShardError(f"{url} cannot be read as a shard: {exc}") from exc
+    return None
+
+
+def tokenizer_record(document: dict[str, Any] | None) -> dict[str, Any]:
+    """What identifies the tokenizers of a sample: ``{"token_info": ...}`` (schema 2) or, for older
+    samples, ``{"tokenizers": ids}``."""
+    document = document or {}
+    if document.get("token_info") is not None:
+        return {"token_info": document["token_info"]}
+    return {"tokenizers": document.get("tokenizers")}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key in sorted(value):
+            out.update(_flatten(value[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out or {prefix: {}}
+    return {prefix: value}
+
+
+def describe_difference(a: dict[str, Any] | None, b: dict[str, Any] | None, limit: int = 3) -> str:
+    """``acoustic.backend 'soundstream' vs 'encodec'; rates.acoustic_frame_rate 50 vs 75`` (first ``limit``)."""
+    fa, fb = _flatten(a or {}), _flatten(b or {})
+    # the rates and the backends say most: list them before ids and versions
+    keys = sorted(set(fa) | set(fb), key=lambda k: (not k.startswith("rates"), "backend" not in k, k))
+    diffs = [f"{k} {fa.get(k, 'missing')!r} vs {fb.get(k, 'missing')!r}" for k in keys if fa.get(k) != fb.get(k)]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def check_same_tokenizers(urls: Sequence[str], max_workers: int = 16) -> dict[str, Any] | None:
+    """Refuse shards made by different tokenizers (or by a newer schema) with a one-line ShardError
+    naming two shards and what differs; read only the first sample's ``json`` of every shard.
+
+    Returns the shards' common ``token_info``, or None when they predate it (the paper's rates).
+    Shards with ``token_info`` are compared by it; where either lacks it, by the ``tokenizers`` ids.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    urls = list(urls)
+    if not urls:
+        return None
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(urls)))) as pool:
+        documents = list(pool.map(first_sample_json, urls))
+    for url, document in zip(urls, documents):
+        schema = (document or {}).get("schema", 1)
+        if isinstance(schema, int) and schema > SHARD_SCHEMA_VERSION:
+            raise ShardError(
+                f"{url} has shard schema {schema}, newer than this musiclm's {SHARD_SCHEMA_VERSION}: upgrade musiclm"
+            )
+    records = [(url, document or {}) for url, document in zip(urls, documents)]
+    with_info = [(url, d) for url, d in records if d.get("token_info") is not None]
+    # token_info where shards have it; the tokenizer ids between every shard (old shards have only those)
+    for key, group, what in (("token_info", with_info, "token_info"), ("tokenizers", records, "tokenizer ids")):
+        if not group:
+            continue
+        ref_url, ref = group[0]
+        for url, document in group[1:]:
+            if document.get(key) != ref.get(key):
+                raise ShardError(
+                    f"{ref_url} and {url} were made by different tokenizers ({what}: "
+                    f"{describe_difference(ref.get(key), document.get(key))}): train a stage on the shards of one "
+                    "tokenizer folder (re-tokenize, or point --data at one job's output)"
+                )
+    return with_info[0][1]["token_info"] if with_info else None

@@ -1,7 +1,9 @@
 """The MusicLM cascade: text -> M_T -> semantic tokens -> coarse acoustic -> fine acoustic -> audio.
 
 Per-stage functions (the Serve deployments call them one by one) take and return *codes*
-(0..1023 per codebook), never stage ids: the layout of each stage stays inside this module.
+(0..codebook size - 1 per codebook), never stage ids: the layout of each stage stays inside this
+module. Shapes follow the stage config's token rates (``cfg.rates``): the paper's SoundStream tokens
+are 50 Hz x 12 levels (4 coarse), EnCodec's 75 Hz x 8; semantic tokens are 25 Hz.
 
 Lengths beyond one training crop:
 * semantic: the first crop is sampled from [M]; then the window slides by half a crop, the last
@@ -21,22 +23,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from musiclm.constants import ACOUSTIC_CODEBOOKS, COARSE_LEVELS, MULAN_CODEBOOKS, SEMANTIC_FRAME_RATE
 from musiclm.generation.sampler import sample
-from musiclm.models.stages import FRAMES_PER_SEMANTIC, StageConfig
+from musiclm.models.stages import StageConfig, describe_rates
 from musiclm.models.transformer import StageTransformer
+from musiclm.tokenizers.backends import TokenRates
 
 
 def _device(model: StageTransformer) -> torch.device:
     return model.embed.weight.device
 
 
-def _check_codes(x: torch.Tensor, name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+def _check_codes(x: torch.Tensor, name: str, shape: tuple[int | None, ...], size: int) -> torch.Tensor:
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (None = any)")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 1024):
-        raise ValueError(f"{name} has codes outside [0, 1024)")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= size):
+        raise ValueError(f"{name} has codes outside [0, {size})")
     return x.long()
+
+
+def _check_mulan(mulan_tokens: torch.Tensor, cfg: StageConfig) -> torch.Tensor:
+    r = cfg.rates
+    return _check_codes(mulan_tokens, "mulan_tokens", (None, r.conditioning_codebooks), r.conditioning_codebook_size)
 
 
 def _window_starts(total: int, window: int) -> list[int]:
@@ -69,21 +76,22 @@ def generate_semantic(
     temperature: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Semantic tokens [B, round(seconds * 25)] for MuLan tokens [B, 12]; slides by half a crop past one crop."""
+    """Semantic tokens [B, round(seconds * 25)] for conditioning tokens [B, 12]; slides by half a crop past one crop."""
     layout = cfg.layout
-    mulan_tokens = _check_codes(mulan_tokens, "mulan_tokens", (None, MULAN_CODEBOOKS)).to(_device(model))
+    mulan_tokens = _check_mulan(mulan_tokens, cfg).to(_device(model))
     temperature = cfg.temperature if temperature is None else temperature
-    total = int(round(seconds * SEMANTIC_FRAME_RATE))
+    total = int(round(seconds * cfg.rates.semantic_frame_rate))
     if total <= 0:
         raise ValueError(f"seconds={seconds} gives no semantic frame")
-    cond = layout.mulan_ids(mulan_tokens)  # [B, 12]
+    cond = layout.mulan_ids(mulan_tokens)  # [B, Qm]
     crop = cfg.crop_frames
     keep = crop // 2  # prefix kept when sliding (the paper: 15 s of a 30-s crop), stride crop - keep
-    ids = sample(model, cond, min(crop, total), temperature, allowed_range=(0, 1024), generator=generator)
+    allowed = (0, layout.num_outputs)  # the semantic block
+    ids = sample(model, cond, min(crop, total), temperature, allowed_range=allowed, generator=generator)
     while ids.shape[1] < total:
         new = min(crop - keep, total - ids.shape[1])
-        prefix = torch.cat([cond, ids[:, ids.shape[1] - keep :]], dim=1)  # [B, 12 + keep]
-        more = sample(model, prefix, new, temperature, allowed_range=(0, 1024), generator=generator)
+        prefix = torch.cat([cond, ids[:, ids.shape[1] - keep :]], dim=1)  # [B, Qm + keep]
+        more = sample(model, prefix, new, temperature, allowed_range=allowed, generator=generator)
         ids = torch.cat([ids, more], dim=1)
     return layout.generated_codes(ids)
 
@@ -96,24 +104,29 @@ def generate_coarse(
     temperature: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Coarse acoustic codes [B, 4, 2 * Fs] for semantic tokens [B, Fs]; crop windows as one batch."""
-    layout = cfg.layout
+    """Coarse acoustic codes [B, Kc, p * Fs] for semantic tokens [B, Fs]; crop windows as one batch.
+
+    ``Kc`` = ``cfg.rates.coarse_levels`` (4), ``p`` = acoustic frames per semantic frame (2 for SoundStream,
+    3 for EnCodec).
+    """
+    layout, r = cfg.layout, cfg.rates
     device = _device(model)
-    mulan_tokens = _check_codes(mulan_tokens, "mulan_tokens", (None, MULAN_CODEBOOKS)).to(device)
-    semantic = _check_codes(semantic, "semantic", (mulan_tokens.shape[0], None)).to(device)
+    mulan_tokens = _check_mulan(mulan_tokens, cfg).to(device)
+    semantic = _check_codes(semantic, "semantic", (mulan_tokens.shape[0], None), r.semantic_codebook_size).to(device)
     temperature = cfg.temperature if temperature is None else temperature
     B, Fs = semantic.shape
+    per = r.frames_per_semantic
     n = min(cfg.crop_frames, Fs)  # semantic frames per window
     starts = _window_starts(Fs, n)
     W = len(starts)
     sem = torch.stack([semantic[:, s : s + n] for s in starts])  # [W, B, n]
     sep = torch.full((W, B, 1), layout.sep, dtype=torch.long, device=device)
-    cond = layout.mulan_ids(mulan_tokens).expand(W, B, MULAN_CODEBOOKS)  # [W, B, 12]
-    prefix = torch.cat([cond, layout.semantic_ids(sem), sep], dim=-1).reshape(W * B, -1)  # [W*B, 12 + n + 1]
-    num_new = n * FRAMES_PER_SEMANTIC * COARSE_LEVELS
+    cond = layout.mulan_ids(mulan_tokens).expand(W, B, r.conditioning_codebooks)  # [W, B, Qm]
+    prefix = torch.cat([cond, layout.semantic_ids(sem), sep], dim=-1).reshape(W * B, -1)  # [W*B, Qm + n + 1]
+    num_new = n * per * r.coarse_levels
     ids = sample(model, prefix, num_new, temperature, allowed_range=layout.allowed_ranges(num_new), generator=generator)
-    codes = layout.generated_codes(ids).reshape(W, B, COARSE_LEVELS, -1)  # [W*B, 4, 2n] -> [W, B, 4, 2n]
-    return _stitch(codes, [s * FRAMES_PER_SEMANTIC for s in starts], Fs * FRAMES_PER_SEMANTIC)
+    codes = layout.generated_codes(ids).reshape(W, B, r.coarse_levels, -1)  # [W*B, Kc, p n] -> [W, B, Kc, p n]
+    return _stitch(codes, [s * per for s in starts], Fs * per)
 
 
 def generate_fine(
@@ -124,25 +137,28 @@ def generate_fine(
     temperature: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """All 12 RVQ levels [B, 12, Fa] for coarse codes [B, 4, Fa]; crop windows as one batch."""
-    layout = cfg.layout
+    """All K levels [B, K, Fa] for coarse codes [B, Kc, Fa] (12 and 4 for SoundStream, 8 and 4 for EnCodec);
+    crop windows as one batch."""
+    layout, r = cfg.layout, cfg.rates
     device = _device(model)
-    mulan_tokens = _check_codes(mulan_tokens, "mulan_tokens", (None, MULAN_CODEBOOKS)).to(device)
-    coarse = _check_codes(coarse, "coarse", (mulan_tokens.shape[0], COARSE_LEVELS, None)).to(device)
+    mulan_tokens = _check_mulan(mulan_tokens, cfg).to(device)
+    coarse = _check_codes(
+        coarse, "coarse", (mulan_tokens.shape[0], r.coarse_levels, None), r.acoustic_codebook_size
+    ).to(device)
     temperature = cfg.temperature if temperature is None else temperature
     B, _, Fa = coarse.shape
-    n = min(cfg.crop_frames * FRAMES_PER_SEMANTIC, Fa)  # acoustic frames per window
+    n = min(cfg.crop_frames * r.frames_per_semantic, Fa)  # acoustic frames per window
     starts = _window_starts(Fa, n)
     W = len(starts)
-    frames = torch.stack([coarse[:, :, s : s + n] for s in starts]).transpose(-1, -2)  # [W, B, 4, n] -> [W, B, n, 4]
-    coarse_ids = layout.acoustic_ids(frames, tuple(range(COARSE_LEVELS)))  # [W, B, n * 4]
+    frames = torch.stack([coarse[:, :, s : s + n] for s in starts]).transpose(-1, -2)  # [W, B, Kc, n] -> [W, B, n, Kc]
+    coarse_ids = layout.acoustic_ids(frames, tuple(range(r.coarse_levels)))  # [W, B, n * Kc]
     sep = torch.full((W, B, 1), layout.sep, dtype=torch.long, device=device)
-    cond = layout.mulan_ids(mulan_tokens).expand(W, B, MULAN_CODEBOOKS)  # [W, B, 12]
-    prefix = torch.cat([cond, coarse_ids, sep], dim=-1).reshape(W * B, -1)  # [W*B, 12 + 4n + 1]
+    cond = layout.mulan_ids(mulan_tokens).expand(W, B, r.conditioning_codebooks)  # [W, B, Qm]
+    prefix = torch.cat([cond, coarse_ids, sep], dim=-1).reshape(W * B, -1)  # [W*B, Qm + Kc n + 1]
     num_new = n * len(layout.generated_levels)
     ids = sample(model, prefix, num_new, temperature, allowed_range=layout.allowed_ranges(num_new), generator=generator)
-    fine = layout.generated_codes(ids).reshape(W, B, ACOUSTIC_CODEBOOKS - COARSE_LEVELS, -1)  # [W, B, 8, n]
-    return torch.cat([coarse, _stitch(fine, starts, Fa)], dim=1)  # [B, 12, Fa]
+    fine = layout.generated_codes(ids).reshape(W, B, len(layout.generated_levels), -1)  # [W, B, K - Kc, n]
+    return torch.cat([coarse, _stitch(fine, starts, Fa)], dim=1)  # [B, K, Fa]
 
 
 STAGE_SEED_OFFSET = {"semantic": 0, "coarse": 1, "fine": 2}
@@ -161,26 +177,68 @@ class Stage:
     config: StageConfig
 
 
+def check_rates(stages: dict[str, StageConfig], tokenizer_rates: TokenRates | None = None, where: str = "") -> TokenRates:
+    """The one token-rate set of the three stages (and the tokenizers, when given); a clear error otherwise."""
+    rates = {name: cfg.rates for name, cfg in stages.items()}
+    if tokenizer_rates is not None:
+        rates["tokenizers"] = tokenizer_rates
+    distinct = list(dict.fromkeys(rates.values()))
+    if len(distinct) > 1:
+        a, b = distinct[:2]
+        names_a = [n for n, r in rates.items() if r == a]
+        names_b = [n for n, r in rates.items() if r == b]
+        raise ValueError(
+            f"{where}the cascade's parts model different token rates: {', '.join(names_a)} at {describe_rates(a)}; "
+            f"{', '.join(names_b)} at {describe_rates(b)} (train every stage on shards of the same tokenizers)"
+        )
+    return distinct[0]
+
+
+def _tokenizer_rates(codec: Any, conditioner: Any, rates: TokenRates) -> list[str]:
+    """What the codec/conditioner objects say (when they say it) that disagrees with ``rates``."""
+    problems = []
+    for obj, attr, want in (
+        (codec, "frame_rate", rates.acoustic_frame_rate),
+        (codec, "num_codebooks", rates.acoustic_codebooks),
+        (codec, "codebook_size", rates.acoustic_codebook_size),
+        (conditioner, "num_codebooks", rates.conditioning_codebooks),
+        (conditioner, "codebook_size", rates.conditioning_codebook_size),
+    ):
+        have = getattr(obj, attr, None)
+        if isinstance(have, (int, float)) and not isinstance(have, bool) and have != want:
+            problems.append(f"{'codec' if obj is codec else 'conditioner'} {attr} {have:g} != {want}")
+    return problems
+
+
 class Cascade:
     """Text prompt -> 24-kHz audio through the conditioner, the three stages and the acoustic codec.
 
-    ``conditioner`` needs ``tokens_text(list[str]) -> long[B, 12]``; ``codec`` needs
-    ``decode(codes[B, 12, F]) -> wav[B, F * 480]`` and ``sample_rate`` (the contract's MuLan / SoundStream).
+    ``conditioner`` needs ``tokens_text(list[str]) -> long[B, Qm]``; ``codec`` needs
+    ``decode(codes[B, K, F]) -> wav[B, F * hop]`` (the contract's conditioner / acoustic tokenizer). The
+    three stages must model the same token rates, and a codec or conditioner that states its
+    ``frame_rate`` / ``num_codebooks`` / ``codebook_size`` must agree with them.
     """
 
     def __init__(self, semantic: Stage, coarse: Stage, fine: Stage, conditioner: Any, codec: Any) -> None:
         for name, stage in (("semantic", semantic), ("coarse", coarse), ("fine", fine)):
             if stage.config.stage != name:
                 raise ValueError(f"the {name} slot holds a {stage.config.stage} stage")
+        self.rates = check_rates({"semantic": semantic.config, "coarse": coarse.config, "fine": fine.config})
+        problems = _tokenizer_rates(codec, conditioner, self.rates)
+        if problems:
+            raise ValueError(
+                f"the tokenizers do not make the stages' tokens ({describe_rates(self.rates)}): {'; '.join(problems)}"
+            )
         self.semantic, self.coarse, self.fine = semantic, coarse, fine
         self.conditioner = conditioner
         self.codec = codec
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu") -> Cascade:
-        """Load the system from a checkpoint folder (``semantic/ coarse/ fine/ mulan/ mulan_rvq/ soundstream/``)."""
-        from musiclm.tokenizers.mulan import load_conditioner
-        from musiclm.tokenizers.soundstream import load_soundstream
+        """Load the system from a checkpoint folder: ``semantic/ coarse/ fine/`` and the tokenizers chosen by
+        ``backends.json`` (ours: ``mulan/ mulan_rvq/ soundstream/``). Refuses stages whose token rates
+        differ from each other's or from the tokenizers'."""
+        from musiclm.tokenizers import backends
         from musiclm.training.stage_learner import load_stage
 
         root = Path(ckpt_dir)
@@ -188,8 +246,10 @@ class Cascade:
         for name in ("semantic", "coarse", "fine"):
             model, cfg = load_stage(root / name, stage=name, preset=preset)
             stages[name] = Stage(model.to(device), cfg)
-        conditioner = load_conditioner(str(root / "mulan"), str(root / "mulan_rvq"), preset=preset)
-        codec = load_soundstream(str(root / "soundstream"), preset=preset)
+        check_rates({n: s.config for n, s in stages.items()}, backends.token_rates(root), where=f"{root}: ")
+        # the conditioner and the codec run once per request: they stay on the CPU
+        conditioner = backends.load_conditioner(root, preset=preset)
+        codec = backends.load_acoustic(root, preset=preset)
         return cls(stages["semantic"], stages["coarse"], stages["fine"], conditioner, codec)
 
     def generate_tokens(
@@ -200,7 +260,8 @@ class Cascade:
         temperatures: dict[str, float] | None = None,
         mulan_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All intermediate tokens (batch 1): mulan [1, 12], semantic [1, Fs], coarse [1, 4, Fa], acoustic [1, 12, Fa].
+        """All intermediate tokens (batch 1): mulan [1, Qm], semantic [1, Fs], coarse [1, Kc, Fa], acoustic [1, K, Fa]
+        (12, 4 and 12 at the paper's rates).
 
         ``mulan_tokens`` (e.g. of an audio prompt, or M_T with melody tokens elsewhere) replaces the text's.
         """
@@ -228,7 +289,7 @@ class Cascade:
         return {"mulan": mulan_tokens, "semantic": semantic.cpu(), "coarse": coarse.cpu(), "acoustic": acoustic.cpu()}
 
     def decode(self, acoustic: torch.Tensor) -> np.ndarray:
-        """Acoustic codes [1, 12, F] -> float32 waveform [F * 480] at 24 kHz."""
+        """Acoustic codes [1, K, F] -> float32 waveform [F * hop] at 24 kHz (hop 480 for SoundStream, 320 for EnCodec)."""
         with torch.inference_mode():
             wav = self.codec.decode(acoustic.long())
         return torch.as_tensor(wav).reshape(-1).float().cpu().numpy()

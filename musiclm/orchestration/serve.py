@@ -2,11 +2,15 @@
 
     POST /generate {"prompt", "seconds", "seed", "temperatures"}  ->  audio/wav (16-bit PCM, 24 kHz)
 
-    Ingress ──▶ Conditioner (MuLan text → M_T, 12 tokens)
+    Ingress ──▶ Conditioner (MuLan / CLAP text → M_T, 12 tokens)
             ──▶ SemanticStage (M_T → S, 25 Hz)
-            ──▶ CoarseStage (M_T, S → A[:4], 50 Hz)
-            ──▶ FineStage (M_T, A[:4] → A[:12])
-            ──▶ Codec (SoundStream decoder: A → 24 kHz audio)
+            ──▶ CoarseStage (M_T, S → A[:4], 50 Hz; EnCodec 75 Hz)
+            ──▶ FineStage (M_T, A[:4] → A[:12]; EnCodec A[:8])
+            ──▶ Codec (SoundStream / EnCodec decoder: A → 24 kHz audio)
+
+The conditioner and the codec are the backends ``CKPT_DIR/backends.json`` chooses
+(:mod:`musiclm.tokenizers.backends`); the stages use the token rates in their configs, and the
+checkpoints are refused before anything starts when the stages' and the tokenizers' rates differ.
 
 Each stage is its own deployment so that a cluster can give the heavy Transformers GPUs and
 replicas of their own while the light parts share a CPU; on a laptop the fractional ``num_cpus``
@@ -46,7 +50,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from musiclm.checkpoint import CheckpointError, artifact_id, read_artifact_config
-from musiclm.constants import SAMPLE_RATE, SEMANTIC_FRAME_RATE
+from musiclm.constants import SAMPLE_RATE
 from musiclm.generation.cascade import generate_coarse, generate_fine, generate_semantic, stage_generator
 from musiclm.orchestration import ray_cluster
 from musiclm.orchestration.schemas import (
@@ -61,7 +65,8 @@ from musiclm.orchestration.schemas import (
 
 logger = logging.getLogger("ray.serve")
 
-# the artifact folders each deployment loads (kinds are the folder names, see docs/interfaces.md)
+# the artifact folders each deployment loads with our own tokenizers (kinds are the folder names, see
+# docs/interfaces.md); ``components(checkpoints)`` gives those of the backends a folder chooses
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "conditioner": ("mulan", "mulan_rvq"),
     "semantic": ("semantic",),
@@ -72,19 +77,44 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 HEALTH_TIMEOUT_S = 10.0
 
 
+def components(checkpoints: str | Path) -> dict[str, tuple[str, ...]]:
+    """The artifact folders each deployment loads for the backends of ``checkpoints/backends.json``:
+    a pretrained conditioner needs only ``mulan_rvq/`` (our RVQ on its embeddings), a pretrained codec none."""
+    from musiclm.tokenizers.backends import read_backends
+
+    specs = read_backends(checkpoints)
+    folders = dict(COMPONENTS)
+    if specs["conditioner"].pretrained:
+        folders["conditioner"] = ("mulan_rvq",)
+    if specs["acoustic"].pretrained:
+        folders["codec"] = ()
+    return folders
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def check_checkpoints(checkpoints: str | Path, preset: str | None = None) -> dict[str, dict[str, Any]]:
     """Check the system checkpoint folder before anything starts; one error line lists every problem.
 
-    Returns ``{folder: config.json document}`` for the six folders the cascade needs.
+    Returns ``{folder: config.json document}`` for the folders the cascade needs (six with our own
+    tokenizers). The three stages must model the token rates the tokenizers make.
     """
+    from musiclm.models.stages import as_rates, describe_rates
+    from musiclm.tokenizers.backends import read_backends, token_rates
+
     root = Path(checkpoints)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
+    try:
+        specs = read_backends(root)
+        needed = components(root)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    # a pretrained conditioner's RVQ was fitted on its embeddings: its preset is not the stages'
+    preset_free = {"mulan_rvq"} if specs["conditioner"].pretrained else set()
     documents, problems = {}, []
-    for folder in (name for names in COMPONENTS.values() for name in names):
+    for folder in (name for names in needed.values() for name in names):
         path = root / folder
         if not (path / "config.json").is_file():
             problems.append(f"{folder}/config.json")
@@ -96,12 +126,28 @@ def check_checkpoints(checkpoints: str | Path, preset: str | None = None) -> dic
             continue
         if document["kind"] != folder:
             problems.append(f"{folder} (holds a '{document['kind']}' checkpoint)")
-        elif preset is not None and document["preset"] != preset:
+        elif preset is not None and folder not in preset_free and document["preset"] != preset:
             problems.append(f"{folder} (preset '{document['preset']}', expected '{preset}')")
         else:
             documents[folder] = document
+    for spec in specs.values():
+        if spec.pretrained and not Path(str(spec.path)).is_dir():
+            problems.append(f"the {spec.backend} model folder {spec.path} named in backends.json")
     if problems:
         raise CheckpointError(f"checkpoint folder {root} is incomplete: missing or invalid {', '.join(problems)}")
+    try:
+        tokenizer_rates = token_rates(root)
+        for stage in ("semantic", "coarse", "fine"):
+            rates = as_rates(documents[stage]["config"].get("rates"))  # saved before rates were recorded: the paper's
+            if rates != tokenizer_rates:
+                problems.append(f"{stage} models tokens at {describe_rates(rates)}")
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint folder {root}: cannot read the token rates: {exc}") from exc
+    if problems:
+        raise CheckpointError(
+            f"checkpoint folder {root}: the tokenizers make tokens at {describe_rates(tokenizer_rates)}, but "
+            f"{'; '.join(problems)} (train the stages on shards of these tokenizers)"
+        )
     return documents
 
 
@@ -119,7 +165,8 @@ class _ModelReplica:
     that Serve's router rather than this lock spreads requests over replicas).
     """
 
-    folders: tuple[str, ...] = ()
+    component: str = ""  # the key of ``components()``: which folders this deployment loads
+    role: str | None = None  # the tokenizer role it runs (acoustic / conditioner), if any
 
     def __init__(self, checkpoints: str, preset: str | None, torch_threads: int | None, num_gpus: float) -> None:
         if torch_threads:
@@ -127,10 +174,19 @@ class _ModelReplica:
         self.device = torch.device("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.lock = threading.Lock()
         self.root = Path(checkpoints)
-        self.artifacts = {
+        self.folders = components(self.root)[self.component]
+        self.artifacts: dict[str, dict[str, Any]] = {
             folder: {"id": artifact_id(self.root / folder), "preset": read_artifact_config(self.root / folder)["preset"]}
             for folder in self.folders
         }
+        if self.role is not None:
+            from musiclm.tokenizers.backends import read_backends
+
+            spec = read_backends(self.root)[self.role]
+            if spec.pretrained:  # named by its backend, without a preset
+                from musiclm.tokenizers import pretrained
+
+                self.artifacts[spec.backend] = {"id": str(pretrained.backend_info(spec).get("id"))}
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(array, dtype=np.int64)).to(self.device)  # a writable copy
@@ -142,15 +198,15 @@ class _ModelReplica:
 
 @serve.deployment
 class Conditioner(_ModelReplica):
-    """MuLan's text tower + RVQ: prompt → the 12 conditioning tokens M_T."""
+    """The conditioner's text tower + RVQ (MuLan, or the backend chosen): prompt → the 12 conditioning tokens M_T."""
 
-    folders = COMPONENTS["conditioner"]
+    component, role = "conditioner", "conditioner"
 
     def __init__(self, checkpoints: str, preset: str | None, torch_threads: int | None, num_gpus: float) -> None:
-        from musiclm.tokenizers.mulan import load_conditioner
+        from musiclm.tokenizers.backends import load_conditioner
 
         super().__init__(checkpoints, preset, torch_threads, num_gpus)
-        self.conditioner = load_conditioner(self.root / "mulan", self.root / "mulan_rvq", preset=preset).to(self.device)
+        self.conditioner = load_conditioner(self.root, preset=preset, device=self.device)
 
     @torch.inference_mode()
     def tokens(self, prompt: str) -> np.ndarray:
@@ -166,20 +222,23 @@ class _Stage(_ModelReplica):
     def __init__(self, checkpoints: str, preset: str | None, torch_threads: int | None, num_gpus: float) -> None:
         from musiclm.training.stage_learner import load_stage
 
-        self.folders = COMPONENTS[self.stage]
+        self.component = self.stage
         super().__init__(checkpoints, preset, torch_threads, num_gpus)
         self.model, self.config = load_stage(self.root / self.stage, stage=self.stage, preset=preset)
         self.model.to(self.device)
+        self.artifacts[self.stage]["rates"] = self.config.rates.to_dict()
 
 
 @serve.deployment
 class SemanticStage(_Stage):
-    """p(S | M_T): ``seconds`` of semantic tokens at 25 Hz."""
+    """p(S | M_T): ``seconds`` of semantic tokens at 25 Hz (at least one frame)."""
 
     stage = "semantic"
 
     @torch.inference_mode()
     def generate(self, mulan_tokens: np.ndarray, seconds: float, temperature: float, seed: int) -> np.ndarray:
+        # the stages work in whole semantic frames: at least one (the ingress trims the audio afterwards)
+        seconds = max(seconds, 1.0 / self.config.rates.semantic_frame_rate)
         with self.lock:
             generator = stage_generator(seed, self.stage, self.device)
             semantic = generate_semantic(
@@ -190,7 +249,7 @@ class SemanticStage(_Stage):
 
 @serve.deployment
 class CoarseStage(_Stage):
-    """p(A[:4] | S, M_T): the first four RVQ levels at 50 Hz."""
+    """p(A[:Kc] | S, M_T): the coarse levels (the first four) at the acoustic rate (50 Hz; EnCodec 75 Hz)."""
 
     stage = "coarse"
 
@@ -201,12 +260,12 @@ class CoarseStage(_Stage):
             coarse = generate_coarse(
                 self.model, self.config, self._tensor(mulan_tokens), self._tensor(semantic), temperature, generator
             )
-        return coarse.cpu().numpy()  # [1, 4, Fa]
+        return coarse.cpu().numpy()  # [1, Kc, Fa]
 
 
 @serve.deployment
 class FineStage(_Stage):
-    """p(A[4:] | A[:4], M_T): the remaining eight RVQ levels."""
+    """p(A[Kc:] | A[:Kc], M_T): the remaining levels (eight for SoundStream, four for EnCodec at 6 kbps)."""
 
     stage = "fine"
 
@@ -217,25 +276,25 @@ class FineStage(_Stage):
             fine = generate_fine(
                 self.model, self.config, self._tensor(mulan_tokens), self._tensor(coarse), temperature, generator
             )
-        return fine.cpu().numpy()  # [1, 12, Fa]
+        return fine.cpu().numpy()  # [1, K, Fa]
 
 
 @serve.deployment
 class Codec(_ModelReplica):
-    """SoundStream's decoder: acoustic tokens → 24 kHz audio."""
+    """The acoustic tokenizer's decoder (SoundStream, or the backend chosen): acoustic tokens → 24 kHz audio."""
 
-    folders = COMPONENTS["codec"]
+    component, role = "codec", "acoustic"
 
     def __init__(self, checkpoints: str, preset: str | None, torch_threads: int | None, num_gpus: float) -> None:
-        from musiclm.tokenizers.soundstream import load_soundstream
+        from musiclm.tokenizers.backends import load_acoustic
 
         super().__init__(checkpoints, preset, torch_threads, num_gpus)
-        self.codec = load_soundstream(self.root / "soundstream", preset=preset).to(self.device)
+        self.codec = load_acoustic(self.root, preset=preset, device=self.device)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
         with self.lock:
-            wav = self.codec.decode(self._tensor(codes))  # [1, F*480]
+            wav = self.codec.decode(self._tensor(codes))  # [1, F * hop]
         return wav[0].float().cpu().numpy()  # [T]
 
 
@@ -357,11 +416,10 @@ class Ingress:
 
     async def _cascade(self, request: GenerateRequest) -> np.ndarray:
         temperatures = request.resolved_temperatures()
-        # the stages work in whole semantic frames; ask for at least one and trim afterwards
-        seconds = max(request.seconds, 1.0 / SEMANTIC_FRAME_RATE)
         mulan = await self.handles["conditioner"].tokens.remote(request.prompt)
+        # the semantic stage generates at least one frame; the audio is trimmed to the request below
         semantic = await self.handles["semantic"].generate.remote(
-            mulan, seconds, temperatures["semantic"], request.seed
+            mulan, request.seconds, temperatures["semantic"], request.seed
         )
         coarse = await self.handles["coarse"].generate.remote(mulan, semantic, temperatures["coarse"], request.seed)
         fine = await self.handles["fine"].generate.remote(mulan, coarse, temperatures["fine"], request.seed)
@@ -443,13 +501,15 @@ class Ingress:
 
         answers = dict(await asyncio.gather(*(ask(name) for name in self.handles)))
         checkpoints = {folder: a["id"] for answer in answers.values() if answer for folder, a in answer.items()}
-        presets = sorted({a["preset"] for answer in answers.values() if answer for a in answer.values()})
+        presets = sorted({a["preset"] for answer in answers.values() if answer for a in answer.values() if "preset" in a})
+        rates = next((a["rates"] for answer in answers.values() if answer for a in answer.values() if "rates" in a), None)
         healthy = all(answer is not None for answer in answers.values())
         document = {
             "status": "ok" if healthy else "degraded",
             "stages": {name: answer is not None for name, answer in answers.items()},
             "preset": presets[0] if len(presets) == 1 else presets,
             "checkpoints": checkpoints,
+            "token_rates": rates,
             "sample_rate": SAMPLE_RATE,
             "max_seconds": self.config.max_seconds,
             "max_prompt_chars": self.config.max_prompt_chars,
@@ -537,6 +597,7 @@ __all__ = [
     "app",
     "build_app",
     "check_checkpoints",
+    "components",
     "encode_wav",
     "error_field",
     "run_server",

@@ -13,6 +13,11 @@ tokenizers are loaded once per worker in ``DoFn.setup``. (Batching is fixed-size
 bundle; a runner that cuts bundles differently may flip a float near-tie between two codes, in
 which case the shard's bytes change and WriteShard rewrites it — never a partial file.)
 
+Every sample's ``json`` records the tokenizers that made it: ``tokenizers`` (artifact ids) and
+``token_info`` (per role: backend, version, ids; and the token rates, e.g. EnCodec's 75 Hz x 8 x
+1024), as do ``plan.json`` and ``manifest.json``; stage training refuses shards whose ``token_info``
+differ. A worker whose tokenizers do not match the driver's plan refuses to start (never mixed shards).
+
 The crop window is the semantic stage's training crop (10 s in ``tiny``, the paper's 30 s in
 ``paper``), with hop = window, so a 10.0-s clip yields exactly one window in ``tiny``.
 """
@@ -63,11 +68,13 @@ class Tokenize(beam.DoFn):
     """
 
     def __init__(self, ckpt_dir: str, preset: str | None, captions_path: str | None,
-                 tokenizer_ids: dict[str, str], progress_path: str | None = None):
+                 tokenizer_ids: dict[str, str] | None, progress_path: str | None = None,
+                 token_info: dict[str, Any] | None = None):
         self.ckpt_dir = ckpt_dir
         self.preset = preset
         self.captions_path = captions_path
-        self.tokenizer_ids = tokenizer_ids
+        self.tokenizer_ids = tokenizer_ids  # None: those of the loaded bundle
+        self.token_info = token_info  # the driver's plan; None: that of the loaded bundle
         self.progress_path = progress_path
         self.tokenized = Metrics.counter(NAMESPACE, "windows_tokenized")
         self.failed = Metrics.counter(NAMESPACE, "windows_dead")
@@ -79,6 +86,14 @@ class Tokenize(beam.DoFn):
         from musiclm.tokenizers.bundle import TokenizerBundle
 
         self.bundle = TokenizerBundle.load(self.ckpt_dir, self.preset)
+        if self.token_info is not None and self.bundle.token_info != self.token_info:
+            # the folder changed since the job was planned, or this worker runs another musiclm version
+            raise RuntimeError(
+                f"the tokenizers in {self.ckpt_dir} on this worker are not those the job was planned with "
+                f"(plan vs worker: {sh.describe_difference(self.token_info, self.bundle.token_info)}): rerun the job"
+            )
+        self.token_info = self.bundle.token_info
+        self.tokenizer_ids = self.tokenizer_ids if self.tokenizer_ids is not None else self.bundle.ids
         self.lookup = caption_lookup(self.captions_path)
 
     def process(self, windows: list[dict[str, Any]]) -> Iterable[Any]:
@@ -100,7 +115,7 @@ class Tokenize(beam.DoFn):
             seconds += window["end"] - window["start"]
             yield {
                 "__key__": window["key"],
-                "json": window_metadata(window, self.lookup, tokenizers=self.tokenizer_ids),
+                "json": window_metadata(window, self.lookup, tokenizers=self.tokenizer_ids, token_info=self.token_info),
                 **token,
             }
         self.audio_ms.inc(int(round(seconds * 1000)))
@@ -125,17 +140,19 @@ def build_tokenize_pipeline(
     ``inputs`` are files, folders or globs on any fsspec URL; ``window_seconds`` None = the semantic
     stage's crop of the tokenizers' preset; ``hop_seconds`` None = the window (no overlap).
     """
-    from musiclm.tokenizers.bundle import TokenizerBundle
+    from musiclm.tokenizers.bundle import TokenizerBundle, ids_from_token_info
 
     uris = expand_inputs(inputs)
     preset = TokenizerBundle.read_preset(ckpt_dir)
-    ids = TokenizerBundle.read_ids(ckpt_dir)
+    token_info = TokenizerBundle.read_token_info(ckpt_dir)  # hashes the weights once, here on the driver
+    ids = ids_from_token_info(token_info)
     window_seconds = window_seconds or default_window_seconds(preset)
     window = int(round(window_seconds * SAMPLE_RATE))
     hop = int(round((hop_seconds or window_seconds) * SAMPLE_RATE))
     num_shards = num_shards or default_num_shards(len(uris))
     done = finished_shards(out_dir, sh.TOKEN_SHARD_PREFIX, job_plan("tokens", uris, window, hop, num_shards,
-                                                                   tokenizers=ids, captions=captions_path))
+                                                                   tokenizers=ids, token_info=token_info,
+                                                                   captions=captions_path))
     read = (
         p
         | "Create" >> beam.Create(uris)
@@ -147,13 +164,14 @@ def build_tokenize_pipeline(
         | "SkipFinishedShards" >> beam.ParDo(SkipFinishedShards(done, num_shards))
         # fixed-size batches (the remainder at the end of a bundle): no adaptive ramp-up from 1
         | "Batch" >> beam.BatchElements(min_batch_size=max_batch_size, max_batch_size=max_batch_size)
-        | "Tokenize" >> beam.ParDo(Tokenize(str(ckpt_dir), preset, captions_path, ids, progress_path)).with_outputs(
-            DEAD, main="samples")
+        | "Tokenize" >> beam.ParDo(
+            Tokenize(str(ckpt_dir), preset, captions_path, ids, progress_path, token_info=token_info)
+        ).with_outputs(DEAD, main="samples")
     )
     manifest = tokenized.samples | "WriteShards" >> WriteShards(
         out_dir, sh.TOKEN_SHARD_PREFIX, num_shards, kind="tokens", tokenizers=ids,
         extra={"preset": preset, "window_seconds": window_seconds, "hop_seconds": hop_seconds or window_seconds,
-               "sample_rate": SAMPLE_RATE},
+               "sample_rate": SAMPLE_RATE, "token_info": token_info},
         done=done,
     )
     _ = (read[DEAD], tokenized[DEAD]) | "FlattenDead" >> beam.Flatten() | "DeadLetters" >> WriteDeadLetters(out_dir)

@@ -1,13 +1,16 @@
 """The three tokenizers MusicLM's data needs, loaded together from one checkpoint folder.
 
-    wav (24 kHz) ──SoundStream──▶ A   int16 [F, 12]    acoustic tokens, 50 Hz
-                 ──w2v-BERT + k-means──▶ S int16 [F/2]  semantic tokens, 25 Hz
-                 ──MuLan audio tower + RVQ──▶ M_A int16 [12]  conditioning tokens
+    wav (24 kHz) ──acoustic (SoundStream / EnCodec)──▶ A   int16 [F, K]   acoustic tokens (50 Hz x 12 / 75 Hz x 8)
+                 ──semantic features + k-means──▶     S   int16 [F_s]    semantic tokens, 25 Hz
+                 ──conditioner towers + RVQ──▶        M_A int16 [12]     conditioning tokens
 
+Which model makes each kind of token is chosen by ``CKPT_DIR/backends.json``
+(:mod:`musiclm.tokenizers.backends`; ours without it), and the bundle loads through those loaders.
 The Beam Tokenize step loads one bundle per worker (``DoFn.setup``) and calls
-:meth:`TokenizerBundle.tokenize_windows` on batches of equal-length crop windows. ``ids`` are
-the artifact ids of the folders used, recorded in every shard's metadata so that stage
-checkpoints can be traced back to the exact tokenizers that produced their data.
+:meth:`TokenizerBundle.tokenize_windows` on batches of equal-length crop windows. ``token_info``
+(per role: backend, version, ids, and the token rates) and ``ids`` (artifact ids of the folders
+used, plus the pretrained models' ids) go into every shard's metadata, so that stage training can
+refuse shards of different tokenizers and stage checkpoints can be traced back to their data.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from musiclm.checkpoint import CheckpointError, artifact_id, read_artifact_config
-from musiclm.constants import ACOUSTIC_CODEBOOKS, ACOUSTIC_HOP, MULAN_CODEBOOKS, SEMANTIC_HOP
+from musiclm.checkpoint import CheckpointError, read_artifact_config
+from musiclm.constants import SAMPLE_RATE
+from musiclm.tokenizers import backends
+from musiclm.tokenizers.backends import BACKENDS_FILE, TokenRates
 
 # folder -> the command that makes it (for the error when one is missing)
 COMPONENT_COMMANDS = {
@@ -31,15 +36,24 @@ COMPONENT_COMMANDS = {
     "mulan": "musiclm train mulan --data AUDIO_SHARDS --out {ckpt}/mulan",
     "mulan_rvq": "musiclm fit mulan_rvq --data AUDIO_SHARDS --tokenizers {ckpt}",
 }
+# per role: the folder of our own network (not needed with a pretrained backend), and the folder fitted
+# on the network's outputs (always needed: our k-means / RVQ on the chosen features / embeddings)
+ROLE_FOLDERS = {
+    "acoustic": ("soundstream", None),
+    "semantic": ("w2vbert", "semantic_kmeans"),
+    "conditioner": ("mulan", "mulan_rvq"),
+}
+_ROLE_OF = {folder: role for role, folders in ROLE_FOLDERS.items() for folder in folders if folder}
 
-_INT16_MAX = np.iinfo(np.int16).max
+_INT16_MAX = int(np.iinfo(np.int16).max)
 _LOCAL_COPIES: dict[str, str] = {}
 
 
 def local_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     """A local folder holding the tokenizer artifacts: ``ckpt_dir`` itself, or, for an fsspec URL
-    (``gs://bucket/ckpt`` on Dataflow workers), a per-process temporary copy of the five folders'
-    ``config.json`` + ``model.safetensors`` (artifacts load from local files only)."""
+    (``gs://bucket/ckpt`` on Dataflow workers), a per-process temporary copy of ``backends.json`` and
+    the five folders' ``config.json`` + ``model.safetensors`` (artifacts load from local files only;
+    a pretrained backend's model folder is a local path on every worker)."""
     text = str(ckpt_dir)
     if "://" not in text or text.startswith("file://"):
         return Path(text.removeprefix("file://"))
@@ -52,9 +66,12 @@ def local_checkpoint_dir(ckpt_dir: str | Path) -> Path:
 
         fs, root = fsspec.core.url_to_fs(text)
         local = Path(tempfile.mkdtemp(prefix="musiclm-tokenizers-"))
+        base = root.rstrip("/")
+        if fs.exists(f"{base}/{BACKENDS_FILE}"):
+            fs.get(f"{base}/{BACKENDS_FILE}", str(local / BACKENDS_FILE))
         for name in COMPONENT_COMMANDS:
             for file in (CONFIG_FILE, WEIGHTS_FILE):
-                remote = f"{root.rstrip('/')}/{name}/{file}"
+                remote = f"{base}/{name}/{file}"
                 if fs.exists(remote):
                     (local / name).mkdir(exist_ok=True)
                     fs.get(remote, str(local / name / file))
@@ -62,17 +79,53 @@ def local_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     return Path(_LOCAL_COPIES[text])
 
 
-def _to_int16(codes: torch.Tensor, what: str) -> np.ndarray:
-    """Token ids as int16 (every codebook here has <= 1024 entries); refuse ids that would wrap."""
+def required_folders(ckpt_dir: str | Path) -> list[str]:
+    """The component folders the chosen backends need (ours: all five; with EnCodec no ``soundstream/``)."""
+    specs = backends.read_backends(local_checkpoint_dir(ckpt_dir))
+    needed = []
+    for role, (network, fitted) in ROLE_FOLDERS.items():
+        if not specs[role].pretrained:
+            needed.append(network)
+        if fitted:
+            needed.append(fitted)
+    return [name for name in COMPONENT_COMMANDS if name in needed]
+
+
+def ids_from_token_info(info: dict[str, Any]) -> dict[str, str]:
+    """The flat ``{name: id}`` of a ``token_info``: artifact ids of the folders used, and for each
+    pretrained backend ``{backend: its id}`` (a hash of its files)."""
+    ids: dict[str, str] = {}
+    for role in backends.ROLES:
+        entry = info.get(role) or {}
+        ids.update(entry.get("ids") or {})
+        if entry.get("backend") and entry["backend"] != backends.OURS[role]:
+            ids[entry["backend"]] = str(entry.get("id"))
+    return dict(sorted(ids.items()))
+
+
+def check_int16_rates(rates: TokenRates) -> None:
+    """Shards store ids as int16: refuse a codebook with ids beyond 32767 before anything is tokenized."""
+    for role, size in (("acoustic", rates.acoustic_codebook_size), ("semantic", rates.semantic_codebook_size),
+                       ("conditioning", rates.conditioning_codebook_size)):
+        if size - 1 > _INT16_MAX:
+            raise ValueError(
+                f"the {role} codebook has {size} codes, but token shards store int16 ids (at most {_INT16_MAX + 1} "
+                "codes): choose a backend or option with a smaller codebook"
+            )
+
+
+def _to_int16(codes: torch.Tensor, what: str, size: int) -> np.ndarray:
+    """Token ids as int16; refuse ids outside the codebook (which would also wrap)."""
     array = codes.detach().cpu().numpy()
-    if array.size and (array.min() < 0 or array.max() > _INT16_MAX):
-        raise ValueError(f"{what} token ids outside [0, {_INT16_MAX}]: cannot store them as int16")
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise ValueError(f"{what} token ids outside [0, {size}) (min {array.min()}, max {array.max()})")
     return array.astype(np.int16)
 
 
 @dataclass
 class TokenizerBundle:
-    """SoundStream (``acoustic``), w2v-BERT + k-means (``semantic``) and MuLan + RVQ (``conditioner``)."""
+    """The acoustic tokenizer (``acoustic``), the semantic tokenizer (``semantic``) and the conditioner
+    (``conditioner``) of one checkpoint folder, with the rates their tokens come at."""
 
     acoustic: Any
     semantic: Any
@@ -81,85 +134,126 @@ class TokenizerBundle:
     preset: str
     ckpt_dir: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rates: TokenRates = field(default_factory=TokenRates)
+    token_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """``{role: backend}``, e.g. ``{"acoustic": "encodec", "semantic": "w2vbert", "conditioner": "mulan"}``."""
+        return {role: (self.token_info.get(role) or {}).get("backend", backends.OURS[role]) for role in backends.ROLES}
 
     @staticmethod
     def check_folders(ckpt_dir: str | Path) -> None:
-        """Raise CheckpointError naming every missing component folder and the command that makes it."""
+        """Raise CheckpointError naming every missing folder the chosen backends need, with the command
+        that makes it (and any pretrained model folder named in ``backends.json`` that does not exist)."""
         ckpt = local_checkpoint_dir(ckpt_dir)
-        missing = [name for name in COMPONENT_COMMANDS if not (ckpt / name / "config.json").is_file()]
-        if missing:
-            how = "; ".join(f"{name}/ (make it with `{COMPONENT_COMMANDS[name].format(ckpt=ckpt)}`)" for name in missing)
-            raise CheckpointError(f"tokenizer checkpoint folder {ckpt} lacks {how}")
+        try:
+            specs = backends.read_backends(ckpt)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        missing = [name for name in required_folders(ckpt) if not (ckpt / name / "config.json").is_file()]
+        problems = [f"{name}/ (make it with `{COMPONENT_COMMANDS[name].format(ckpt=ckpt)}`)" for name in missing]
+        problems += [
+            f"the {spec.backend} model folder {spec.path} named in {BACKENDS_FILE}"
+            for spec in specs.values()
+            if spec.pretrained and not Path(str(spec.path)).is_dir()
+        ]
+        if problems:
+            raise CheckpointError(f"tokenizer checkpoint folder {ckpt} lacks {'; '.join(problems)}")
+
+    @staticmethod
+    def read_presets(ckpt_dir: str | Path) -> dict[str, str]:
+        """``{folder: preset}`` of the folders the backends need (without loading weights)."""
+        TokenizerBundle.check_folders(ckpt_dir)
+        ckpt = local_checkpoint_dir(ckpt_dir)
+        return {name: read_artifact_config(ckpt / name)["preset"] for name in required_folders(ckpt)}
 
     @staticmethod
     def read_preset(ckpt_dir: str | Path) -> str:
-        """The preset the tokenizers were trained with (that of ``soundstream/``), without loading weights."""
+        """The preset the tokenizers were trained with (that of the first folder the backends need:
+        ``soundstream/`` for ours), without loading weights."""
+        return next(iter(TokenizerBundle.read_presets(ckpt_dir).values()))
+
+    @staticmethod
+    def read_token_info(ckpt_dir: str | Path) -> dict[str, Any]:
+        """``backends.token_info`` of the folder (backends, versions, ids, rates): what every shard records."""
         TokenizerBundle.check_folders(ckpt_dir)
-        return read_artifact_config(local_checkpoint_dir(ckpt_dir) / "soundstream")["preset"]
+        info = backends.token_info(local_checkpoint_dir(ckpt_dir))
+        check_int16_rates(TokenRates.from_dict(info["rates"]))
+        return info
 
     @staticmethod
     def read_ids(ckpt_dir: str | Path) -> dict[str, str]:
-        """Artifact ids of the five component folders (hashes of config + weights)."""
-        TokenizerBundle.check_folders(ckpt_dir)
-        return {name: artifact_id(local_checkpoint_dir(ckpt_dir) / name) for name in COMPONENT_COMMANDS}
+        """Artifact ids of the folders used (hashes of config + weights), and the pretrained backends' ids."""
+        return ids_from_token_info(TokenizerBundle.read_token_info(ckpt_dir))
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, preset: str | None = None, device: str | torch.device = "cpu") -> TokenizerBundle:
-        """Load ``soundstream/``, ``w2vbert/`` + ``semantic_kmeans/`` and ``mulan/`` + ``mulan_rvq/``.
+        """Load the three tokenizers the backends name (ours: ``soundstream/``, ``w2vbert/`` + ``semantic_kmeans/``,
+        ``mulan/`` + ``mulan_rvq/``).
 
-        ``preset`` None accepts the preset the folders were trained with, but all five must agree.
+        ``preset`` None accepts the preset the folders were trained with, but our networks' folders must agree.
         """
-        from musiclm.tokenizers.mulan import load_conditioner
-        from musiclm.tokenizers.semantic import load_semantic_tokenizer
-        from musiclm.tokenizers.soundstream import load_soundstream
-
         ckpt = local_checkpoint_dir(ckpt_dir)  # a local copy when ckpt_dir is gs://... on a cloud worker
-        cls.check_folders(ckpt)
-        presets = {name: read_artifact_config(ckpt / name)["preset"] for name in COMPONENT_COMMANDS}
-        if preset is None and len(set(presets.values())) > 1:
-            raise CheckpointError(f"tokenizers in {ckpt} were trained with different presets: {presets}")
-        preset = preset or presets["soundstream"]
+        presets = cls.read_presets(ckpt)
+        specs = backends.read_backends(ckpt)
+        # the folders of our own roles must share one preset; a pretrained role's k-means / RVQ has no say
+        ours = {name: p for name, p in presets.items() if not specs[_ROLE_OF[name]].pretrained}
+        if preset is None and len(set(ours.values())) > 1:
+            raise CheckpointError(f"tokenizers in {ckpt} were trained with different presets: {ours}")
+        preset = preset or next(iter(ours.values()), None) or next(iter(presets.values()))
         device = torch.device(device)
-        acoustic = load_soundstream(ckpt / "soundstream", preset).to(device).eval()
-        semantic = load_semantic_tokenizer(ckpt / "w2vbert", ckpt / "semantic_kmeans", preset).to(device).eval()
-        conditioner = load_conditioner(ckpt / "mulan", ckpt / "mulan_rvq", preset).to(device).eval()
-        return cls(acoustic, semantic, conditioner, cls.read_ids(ckpt), preset, str(ckpt_dir), device)
+        info = cls.read_token_info(ckpt)
+        rates = TokenRates.from_dict(info["rates"])
+        acoustic = backends.load_acoustic(ckpt, preset, device)
+        semantic = backends.load_semantic(ckpt, preset, device)
+        conditioner = backends.load_conditioner(ckpt, preset, device)
+        return cls(acoustic, semantic, conditioner, ids_from_token_info(info), preset, str(ckpt_dir), device,
+                   rates, info)
 
     @torch.no_grad()
     def tokenize_windows(self, wavs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """A batch of crop windows (float32 [T] each, 24 kHz) -> one token dict per window.
 
         Windows of equal length run as one batch through each tokenizer; other lengths are batched
-        separately. ``T`` must be a multiple of 960 samples (whole semantic frames).
+        separately. ``T`` must be a multiple of the semantic hop (960 samples: whole 40-ms frames). The
+        tokens' shapes are checked against the rates: acoustic ``[T // hop, K]`` (hop 480 x 12 levels
+        for SoundStream, 320 x 8 for EnCodec at 6 kbps), semantic ``[T // 960]``, conditioning ``[12]``.
         """
+        r = self.rates
         results: list[dict[str, np.ndarray] | None] = [None] * len(wavs)
         by_length: dict[int, list[int]] = {}
         for i, wav in enumerate(wavs):
             wav = np.asarray(wav)
-            if wav.ndim != 1 or wav.shape[0] < SEMANTIC_HOP:
-                raise ValueError(f"a window must be float32 [T] with T >= {SEMANTIC_HOP}, got shape {wav.shape}")
+            if wav.ndim != 1 or wav.shape[0] < r.semantic_hop:
+                raise ValueError(f"a window must be float32 [T] with T >= {r.semantic_hop}, got shape {wav.shape}")
             by_length.setdefault(wav.shape[0], []).append(i)
         for length, indices in by_length.items():
-            if length % SEMANTIC_HOP:
-                raise ValueError(f"window length {length} is not a multiple of {SEMANTIC_HOP} samples")
+            if length % r.semantic_hop:
+                raise ValueError(f"window length {length} is not a multiple of {r.semantic_hop} samples")
             batch = torch.from_numpy(np.stack([np.asarray(wavs[i], dtype=np.float32) for i in indices])).to(self.device)
-            acoustic = self.acoustic.encode(batch)  # [B, 12, F]
-            semantic = self.semantic.tokens(batch)  # [B, F / 2]
-            mulan = self.conditioner.tokens_audio(batch)  # [B, 12]
-            frames = length // ACOUSTIC_HOP
-            if tuple(acoustic.shape[1:]) != (ACOUSTIC_CODEBOOKS, frames):
-                raise ValueError(f"acoustic codes {tuple(acoustic.shape)} != [B, {ACOUSTIC_CODEBOOKS}, {frames}]")
-            if tuple(semantic.shape[1:]) != (length // SEMANTIC_HOP,) or tuple(mulan.shape[1:]) != (MULAN_CODEBOOKS,):
-                raise ValueError(f"semantic {tuple(semantic.shape)} / mulan {tuple(mulan.shape)} tokens have wrong shapes")
-            acoustic_np = _to_int16(acoustic.transpose(1, 2), "acoustic")  # [B, 12, F] -> [B, F, 12]
-            semantic_np = _to_int16(semantic, "semantic")
-            mulan_np = _to_int16(mulan, "mulan")
+            acoustic = self.acoustic.encode(batch)  # [B, K, F]
+            semantic = self.semantic.tokens(batch)  # [B, F_s]
+            mulan = self.conditioner.tokens_audio(batch)  # [B, Qm]
+            frames = length * r.acoustic_frame_rate // SAMPLE_RATE
+            if tuple(acoustic.shape[1:]) != (r.acoustic_codebooks, frames):
+                raise ValueError(
+                    f"acoustic codes {tuple(acoustic.shape)} != [B, {r.acoustic_codebooks}, {frames}] "
+                    f"({r.acoustic_frame_rate} Hz x {r.acoustic_codebooks} codebooks for {length} samples)"
+                )
+            if tuple(semantic.shape[1:]) != (length // r.semantic_hop,):
+                raise ValueError(f"semantic tokens {tuple(semantic.shape)} != [B, {length // r.semantic_hop}]")
+            if tuple(mulan.shape[1:]) != (r.conditioning_codebooks,):
+                raise ValueError(f"conditioning tokens {tuple(mulan.shape)} != [B, {r.conditioning_codebooks}]")
+            acoustic_np = _to_int16(acoustic.transpose(1, 2), "acoustic", r.acoustic_codebook_size)  # [B, K, F] -> [B, F, K]
+            semantic_np = _to_int16(semantic, "semantic", r.semantic_codebook_size)
+            mulan_np = _to_int16(mulan, "conditioning", r.conditioning_codebook_size)
             for row, i in enumerate(indices):
                 results[i] = {"acoustic": acoustic_np[row], "semantic": semantic_np[row], "mulan": mulan_np[row]}
         return results  # type: ignore[return-value]
 
     def tokenize_window(self, wav: np.ndarray) -> dict[str, np.ndarray]:
-        """One window float32 [T] -> ``{"acoustic": int16[F, 12], "semantic": int16[F/2], "mulan": int16[12]}``."""
+        """One window float32 [T] -> ``{"acoustic": int16[F, K], "semantic": int16[F_s], "mulan": int16[12]}``."""
         return self.tokenize_windows([wav])[0]
 
 
@@ -172,7 +266,7 @@ def save_random_tokenizers(ckpt_dir: str | Path, preset: str = "tiny", seed: int
     would initialise them, so that tokens vary with the audio. Returns the artifact ids.
     """
     from musiclm.checkpoint import save_artifact
-    from musiclm.constants import MULAN_CODEBOOK_SIZE, MULAN_DIM, SAMPLE_RATE, SEMANTIC_CODEBOOK_SIZE
+    from musiclm.constants import MULAN_CODEBOOK_SIZE, MULAN_CODEBOOKS, MULAN_DIM, SEMANTIC_CODEBOOK_SIZE
     from musiclm.tokenizers.kmeans import KMeans
     from musiclm.tokenizers.mulan import MuLan, MuLanConfig, save_mulan, save_mulan_rvq
     from musiclm.tokenizers.rvq import ResidualVQ

@@ -3,9 +3,13 @@
     train("semantic", "work/tokens", "ckpt/semantic", workers=2)
 
 The driver (:func:`train`) checks everything a user can get wrong *before* Ray starts (the data
-folder holds shards of the right kind, the output folder is not another preset's checkpoint),
-then runs a Ray ``TorchTrainer``. :func:`train_loop_per_worker` is the only code that runs on the
-workers. Each worker
+folder holds shards of the right kind, made by one set of tokenizers; the output folder is not
+another preset's checkpoint, nor a stage modelling other token rates), then runs a Ray
+``TorchTrainer``. Token shards record their tokenizers (``token_info``, with the token rates) in
+every sample's ``json``; the driver reads the first sample of every shard, refuses a mix, and hands
+the rates to learners that take a ``rates`` option (the stages: their vocabulary and sequence lengths
+follow the rates, e.g. EnCodec's 75 Hz x 8 codebooks). :func:`train_loop_per_worker` is the only
+code that runs on the workers. Each worker
 
 * builds the learner (``wrap_model=ray.train.torch.prepare_model`` when there are several workers,
   so gradients are all-reduced by DDP),
@@ -95,6 +99,13 @@ def train(
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     shards = _list_shards(data)
     registry.check_shard_kind(name, shards)
+    options = dict(learner_options or {})
+    token_info = None
+    if registry.required_shard_kind(name) == registry.TOKENS:
+        from musiclm.data.shards import check_same_tokenizers
+
+        token_info = check_same_tokenizers(shards)
+        options = token_options(name, options, token_info, data)
     if len(shards) < max(workers, 1):
         raise _shard_error()(
             f"{data} holds {len(shards)} shard(s) but {workers} workers were asked for: "
@@ -105,6 +116,8 @@ def train(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     start_step = check_out_dir(out, name, preset)
+    if "rates" in options:
+        check_out_dir_tokens(out, options["rates"], token_info)
     if start_step >= max_steps:
         print(f"[{_display_name(name)}] {out} is already trained to step {start_step} (>= max_steps {max_steps}): nothing to do")
         return _result(out, name, preset, start_step, max_steps, workers, wall_s=0.0, already_done=True)
@@ -124,7 +137,8 @@ def train(
         "seed": int(seed),
         "use_gpu": bool(use_gpu),
         "threads": None,
-        "learner_options": dict(learner_options or {}),
+        "learner_options": options,
+        "token_info": token_info,
     }
     started = time.perf_counter()
     _run_trainer(config, workers=workers, use_gpu=use_gpu, address=address, cpus_per_worker=cpus_per_worker)
@@ -237,6 +251,57 @@ def check_out_dir(out: Path, name: str, preset: str) -> int:
             f"not '{name}' with preset '{preset}': choose another --out"
         )
     return int(state["step"])
+
+
+def token_options(
+    name: str, options: dict[str, Any], token_info: dict[str, Any] | None, data: str | os.PathLike
+) -> dict[str, Any]:
+    """The learner options plus the shards' ``rates`` (the paper's for shards that predate ``token_info``)
+    and ``token_info``, for learners that take them; refuse ``rates`` that contradict the shards."""
+    from musiclm.models.stages import as_rates, describe_rates
+
+    accepted = registry.accepted_options(name)
+    options = dict(options)
+    if "rates" in accepted:
+        shard_rates = as_rates(token_info["rates"] if token_info else None)
+        if options.get("rates") is not None and as_rates(options["rates"]) != shard_rates:
+            raise ValueError(
+                f"rates {describe_rates(options['rates'])} were asked for, but the shards in {data} hold tokens at "
+                f"{describe_rates(shard_rates)}"
+            )
+        options["rates"] = shard_rates.to_dict()
+    if "token_info" in accepted and token_info is not None:
+        options.setdefault("token_info", token_info)
+    return options
+
+
+def check_out_dir_tokens(out: Path, rates: dict[str, Any], token_info: dict[str, Any] | None) -> None:
+    """Refuse an output folder (checkpoint or training state) of a stage that models other token rates,
+    or that was trained on shards of other tokenizers: resuming it on these shards would mix them."""
+    from musiclm.data.shards import describe_difference
+    from musiclm.models.stages import as_rates, describe_rates
+
+    records = []
+    if (out / "config.json").is_file():
+        document = read_artifact_config(out)
+        config = document.get("config") or {}
+        records.append((str(out / "config.json"), config.get("rates"), (document.get("meta") or {}).get("token_info")))
+    state = read_training_state(out)
+    if state is not None:
+        records.append((str(out / STATE_DIR / STATE_JSON), state.get("rates"), state.get("token_info")))
+    wanted = as_rates(rates)
+    for where, saved_rates, saved_info in records:
+        saved = as_rates(saved_rates)  # written before rates were recorded: the paper's
+        if saved != wanted:
+            raise CheckpointError(
+                f"{where} models tokens at {describe_rates(saved)}, but the shards hold tokens at "
+                f"{describe_rates(wanted)}: choose another --out"
+            )
+        if saved_info is not None and token_info is not None and saved_info != token_info:
+            raise CheckpointError(
+                f"{where} was trained on shards of other tokenizers ({describe_difference(saved_info, token_info)}): "
+                "choose another --out"
+            )
 
 
 def _learner_kind(name: str) -> str | None:
@@ -520,6 +585,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = MetricsLog(out / METRICS_FILE, start_step, world_size, enabled=is_chief)
     meta = {"name": name, "preset": preset, "kind": getattr(learner, "kind", name), "world_size": world_size,
             "batch_size": batch_size, "shards": len(config["shards"])}
+    if config["learner_options"].get("rates") is not None:  # what a resumed run is checked against
+        meta["rates"] = config["learner_options"]["rates"]
+    if config.get("token_info") is not None:
+        meta["token_info"] = config["token_info"]
     run_start, step = time.perf_counter(), start_step
     try:
         while step < max_steps:

@@ -30,8 +30,9 @@ from musiclm.checkpoint import (
     read_artifact_config,
     save_artifact,
 )
-from musiclm.models.stages import BLOCK, STAGES, StageConfig, build_training_example
+from musiclm.models.stages import STAGES, StageConfig, as_rates, build_training_example, describe_rates
 from musiclm.models.transformer import StageTransformer, TransformerConfig
+from musiclm.tokenizers.backends import TokenRates
 
 # per preset: learning rate, batch size (sequences per worker per step), warmup steps, weight decay
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,10 +79,15 @@ class StageLearner:
         max_steps: int | None = None,
         weight_decay: float | None = None,
         seed: int = 0,
+        rates: TokenRates | dict[str, Any] | None = None,
+        token_info: dict[str, Any] | None = None,
     ) -> None:
+        """``rates``: the token rates of the shards (``TokenRates`` or its dict; default the paper's), which
+        size the vocabulary and sequences; ``token_info``: the shards' tokenizer record, kept in the export."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGES)}")
-        self.config = StageConfig.preset(stage, preset)  # raises for an unknown preset
+        self.config = StageConfig.preset(stage, preset, as_rates(rates))  # raises for an unknown preset
+        self.token_info = token_info
         defaults = DEFAULTS[preset]
         self.stage, self.preset, self.kind = stage, preset, stage
         self.device = torch.device(device)
@@ -140,7 +146,8 @@ class StageLearner:
 
     def unigram_log_probs(self) -> torch.Tensor:
         """log p(token | its codebook) from the training targets seen so far: [V_out] (float64)."""
-        counts = (self.counts + UNIGRAM_PSEUDO_COUNT).view(-1, BLOCK)  # [blocks, 1024]
+        block = self.config.layout.output_block_size
+        counts = (self.counts + UNIGRAM_PSEUDO_COUNT).view(-1, block)  # [blocks, codebook size]
         return (counts / counts.sum(dim=1, keepdim=True)).log().view(-1)
 
     @torch.no_grad()
@@ -161,9 +168,16 @@ class StageLearner:
             "step": self.step,
             "counts": self.counts.clone(),
             "rng": self.rng.bit_generator.state,
+            "rates": self.config.rates.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = as_rates(state.get("rates"))  # states saved before rates were recorded are the paper's
+        if saved != self.config.rates:
+            raise ValueError(
+                f"the saved {self.stage} state models tokens at {describe_rates(saved)}, this run's shards are at "
+                f"{describe_rates(self.config.rates)}: train into another output folder"
+            )
         _unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -176,7 +190,8 @@ class StageLearner:
         save_artifact(
             out_dir, kind=self.stage, preset=self.preset, config=self.config,
             state_dict=_unwrap(self.model).state_dict(),
-            meta={"step": self.step, "train_target_tokens": int(self.counts.sum())},
+            meta={"step": self.step, "train_target_tokens": int(self.counts.sum()),
+                  **({"token_info": self.token_info} if self.token_info else {})},
         )
 
 
@@ -192,7 +207,8 @@ def load_stage(
     data = dict(document["config"])
     try:
         transformer = config_from_dict(TransformerConfig, data.pop("transformer"))
-        config = StageConfig(transformer=transformer, **data)
+        rates = as_rates(data.pop("rates", None))  # stages saved before rates were recorded are the paper's
+        config = StageConfig(transformer=transformer, rates=rates, **data)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the stage config does not match this version: {exc}") from exc
     model = StageTransformer(config.transformer)

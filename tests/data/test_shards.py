@@ -170,3 +170,70 @@ def test_npy_members_never_unpickle(tmp_path):
             tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(ValueError, match="allow_pickle"):
         list(sh.iter_samples([str(tmp_path / "tokens-000000.tar")]))
+
+
+# ----------------------------------------------------------------------------- which tokenizers made a shard
+
+PAPER_RATES = {"acoustic_frame_rate": 50, "acoustic_codebooks": 12, "acoustic_codebook_size": 1024, "coarse_levels": 4,
+               "semantic_frame_rate": 25, "semantic_codebook_size": 1024, "conditioning_codebooks": 12,
+               "conditioning_codebook_size": 1024}
+OURS_IDS = {"soundstream": "soundstream:tiny:abc", "w2vbert": "w2vbert:tiny:def"}
+
+
+def _info(acoustic: str = "soundstream", frame_rate: int = 50, codebooks: int = 12) -> dict:
+    return {"acoustic": {"backend": acoustic, "version": "1", "ids": {}},
+            "semantic": {"backend": "w2vbert", "version": "1", "ids": {"w2vbert": "w2vbert:tiny:def"}},
+            "rates": {**PAPER_RATES, "acoustic_frame_rate": frame_rate, "acoustic_codebooks": codebooks}}
+
+
+def _shard(path, info: dict | None, ids: dict = OURS_IDS, schema: int = SHARD_SCHEMA_VERSION, n: int = 2) -> str:
+    samples = _samples(n, seed=len(str(path)))
+    for s in samples:
+        s["json"] = {**s["json"], "tokenizers": ids, "schema": schema}
+        if info is not None:
+            s["json"]["token_info"] = info
+    sh.write_shard(path, samples)
+    return str(path)
+
+
+def test_first_sample_json_reads_the_first_member_only(tmp_path):
+    url = _shard(tmp_path / "tokens-000000.tar", _info(), n=3)
+    first = min(s["__key__"] for s in sh.iter_samples(url))
+    document = sh.first_sample_json(url)
+    assert document["key"] == first and document["token_info"] == _info()
+    sh.write_shard(tmp_path / "arrays-000000.tar", [{"__key__": "k0", "mulan": np.zeros(12, np.int16)}])
+    assert sh.first_sample_json(str(tmp_path / "arrays-000000.tar")) == {}  # json is always written
+    (tmp_path / "broken-000000.tar").write_bytes(b"not a tar at all" * 40)
+    with pytest.raises(sh.ShardError, match="broken-000000.tar"):
+        sh.first_sample_json(str(tmp_path / "broken-000000.tar"))
+
+
+def test_shards_of_one_tokenizer_pass_and_give_their_token_info(tmp_path):
+    urls = [_shard(tmp_path / f"tokens-{i:06d}.tar", _info("encodec", 75, 8)) for i in range(3)]
+    assert sh.check_same_tokenizers(urls) == _info("encodec", 75, 8)
+    # old shards (schema 1: tokenizer ids only) mix with new ones made by the same tokenizers
+    old = _shard(tmp_path / "old-000000.tar", None, schema=1)
+    new = _shard(tmp_path / "new-000000.tar", _info())
+    assert sh.check_same_tokenizers([old, new]) == _info()
+    assert sh.check_same_tokenizers([old]) is None  # predates token_info: the paper's rates
+
+
+def test_shards_of_different_tokenizers_are_refused_naming_two_of_them(tmp_path):
+    a = _shard(tmp_path / "tokens-000000.tar", _info())
+    b = _shard(tmp_path / "tokens-000001.tar", _info())
+    c = _shard(tmp_path / "tokens-000002.tar", _info("encodec", 75, 8))
+    with pytest.raises(sh.ShardError) as err:
+        sh.check_same_tokenizers([a, b, c])
+    message = str(err.value)
+    assert "\n" not in message and a in message and c in message and b not in message
+    assert "rates.acoustic_frame_rate 50 vs 75" in message and "acoustic.backend 'soundstream' vs 'encodec'" in message
+    # old shards are compared by their tokenizer ids
+    old = _shard(tmp_path / "old-000000.tar", None, schema=1)
+    other = _shard(tmp_path / "old-000001.tar", None, ids={**OURS_IDS, "soundstream": "soundstream:tiny:xyz"}, schema=1)
+    with pytest.raises(sh.ShardError, match="tokenizer ids: soundstream 'soundstream:tiny:abc' vs 'soundstream:tiny:xyz'"):
+        sh.check_same_tokenizers([old, other])
+    with pytest.raises(sh.ShardError, match="tokenizer ids"):  # an EnCodec shard is not an old SoundStream one
+        sh.check_same_tokenizers([old, _shard(tmp_path / "enc-000000.tar", _info("encodec", 75, 8), ids={"encodec": "e"})])
+    newer = _shard(tmp_path / "newer-000000.tar", _info(), schema=SHARD_SCHEMA_VERSION + 1)
+    with pytest.raises(sh.ShardError, match="newer than this musiclm"):
+        sh.check_same_tokenizers([a, newer])

@@ -18,18 +18,22 @@ from musiclm.generation.cascade import (
 from musiclm.generation.sampler import sample, sample_without_cache
 from musiclm.models.stages import StageConfig, VocabLayout, sequence_lengths
 from musiclm.models.transformer import StageTransformer, TransformerConfig
+from musiclm.tokenizers.backends import TokenRates
 
 torch.set_num_threads(1)
 
 
-def tiny_stage(stage: str, crop_seconds: float, seed: int = 0) -> tuple[StageTransformer, StageConfig]:
+def tiny_stage(
+    stage: str, crop_seconds: float, seed: int = 0, rates: TokenRates | None = None
+) -> tuple[StageTransformer, StageConfig]:
     """A randomly initialised, very small stage with a short crop (fast to sample)."""
-    layout = VocabLayout.for_stage(stage)
+    rates = rates or TokenRates()
+    layout = VocabLayout.for_stage(stage, rates)
     transformer = TransformerConfig(
         vocab_size=layout.vocab_size, output_size=layout.num_outputs, dim=32, n_layers=2, n_heads=2, ff_dim=64,
-        dropout=0.0, attn_dropout=0.0, max_seq_len=sum(sequence_lengths(stage, crop_seconds)) + 8,
+        dropout=0.0, attn_dropout=0.0, max_seq_len=sum(sequence_lengths(stage, crop_seconds, rates)) + 8,
     )
-    cfg = dataclasses.replace(StageConfig.preset(stage, "tiny"), crop_seconds=crop_seconds, transformer=transformer)
+    cfg = dataclasses.replace(StageConfig.preset(stage, "tiny", rates), crop_seconds=crop_seconds, transformer=transformer)
     torch.manual_seed(seed)
     return StageTransformer(transformer).eval(), cfg
 
@@ -130,13 +134,18 @@ class HashConditioner:
 
 
 class TableCodec:
-    """Test double for SoundStream: each frame becomes 480 samples of a code-dependent constant."""
+    """Test double for SoundStream: each frame becomes ``hop`` samples of a code-dependent constant."""
 
     sample_rate = 24000
 
+    def __init__(self, hop: int = 480, num_codebooks: int | None = None):
+        self.hop = hop
+        if num_codebooks is not None:  # a codec that states its codebooks is checked against the stages
+            self.num_codebooks = num_codebooks
+
     def decode(self, codes):
-        level_sum = codes.float().sum(dim=1) / (12 * 1024)  # [B, F]
-        return level_sum.repeat_interleave(480, dim=1)  # [B, F * 480]
+        level_sum = codes.float().sum(dim=1) / (codes.shape[1] * 1024)  # [B, F]
+        return level_sum.repeat_interleave(self.hop, dim=1)  # [B, F * hop]
 
 
 def test_cascade_generates_reproducible_audio():
@@ -155,3 +164,55 @@ def test_cascade_generates_reproducible_audio():
         cascade.generate_tokens("x", 0.4, seed=0, temperatures={"melody": 1.0})
     with pytest.raises(ValueError, match="slot"):
         Cascade(cascade.coarse, cascade.coarse, cascade.fine, HashConditioner(), TableCodec())
+
+
+# ----------------------------------------------------------------------------- EnCodec's rates (issue 3)
+
+ENCODEC = TokenRates(acoustic_frame_rate=75, acoustic_codebooks=8)  # 75 Hz x 8 x 1024, 3 frames per semantic frame
+
+
+def test_stage_functions_generate_encodec_shaped_tokens():
+    mulan = torch.randint(0, 1024, (2, 12))
+    s_model, s_cfg = tiny_stage("semantic", 0.4, rates=ENCODEC)
+    semantic = generate_semantic(s_model, s_cfg, mulan, 0.6, generator=torch.Generator().manual_seed(0))
+    assert semantic.shape == (2, 15) and ((semantic >= 0) & (semantic < 1024)).all()
+    c_model, c_cfg = tiny_stage("coarse", 0.2, rates=ENCODEC)  # 5 semantic frames per window: 3 windows
+    coarse = generate_coarse(c_model, c_cfg, mulan, semantic, generator=torch.Generator().manual_seed(1))
+    assert coarse.shape == (2, 4, 45) and ((coarse >= 0) & (coarse < 1024)).all()
+    f_model, f_cfg = tiny_stage("fine", 0.2, rates=ENCODEC)  # 15 acoustic frames per window
+    acoustic = generate_fine(f_model, f_cfg, mulan, coarse, generator=torch.Generator().manual_seed(2))
+    assert acoustic.shape == (2, 8, 45) and ((acoustic >= 0) & (acoustic < 1024)).all()
+    assert torch.equal(acoustic[:, :4], coarse)
+    # greedy replay of the first window: [M][S of 5 frames][SEP] -> 5 x 3 frames x 4 levels, frame-major
+    greedy = generate_coarse(c_model, c_cfg, mulan, semantic, temperature=0.0)
+    layout = c_cfg.layout
+    prefix = torch.cat([layout.mulan_ids(mulan), layout.semantic_ids(semantic[:, :5]), torch.full((2, 1), layout.sep)], 1)
+    first = sample(c_model, prefix, 5 * 3 * 4, 0.0, allowed_range=layout.allowed_ranges(60))
+    assert torch.equal(layout.generated_codes(first), greedy[:, :, :15])
+    with pytest.raises(ValueError, match="coarse"):
+        generate_fine(f_model, f_cfg, mulan, torch.zeros(2, 8, 45, dtype=torch.long))  # all levels, not the coarse 4
+
+
+def test_cascade_generates_encodec_tokens_and_refuses_mixed_rates(tmp_path):
+    stages = [Stage(*tiny_stage(name, 0.2, rates=ENCODEC)) for name in ("semantic", "coarse", "fine")]
+    cascade = Cascade(*stages, HashConditioner(), TableCodec(hop=320, num_codebooks=8))
+    tokens = cascade.generate_tokens("calm piano", 0.4, seed=1)
+    assert tokens["semantic"].shape == (1, 10) and tokens["coarse"].shape == (1, 4, 30)
+    assert tokens["acoustic"].shape == (1, 8, 30)
+    wav = cascade.generate("calm piano", seconds=0.4, seed=1)
+    assert wav.shape == (10 * 960,) and np.array_equal(wav, cascade.generate("calm piano", seconds=0.4, seed=1))
+
+    paper_fine = Stage(*tiny_stage("fine", 0.2))
+    with pytest.raises(ValueError, match="different token rates.*fine at acoustic 50 Hz x 12"):
+        Cascade(stages[0], stages[1], paper_fine, HashConditioner(), TableCodec())
+    with pytest.raises(ValueError, match="codec num_codebooks 12 != 8"):
+        Cascade(*stages, HashConditioner(), TableCodec(hop=320, num_codebooks=12))
+
+    # from a folder: stages trained on EnCodec tokens next to our own tokenizers (SoundStream) are refused
+    from musiclm.checkpoint import save_artifact
+
+    for stage in stages:
+        save_artifact(tmp_path / stage.config.stage, kind=stage.config.stage, preset="tiny", config=stage.config,
+                      state_dict=stage.model.state_dict())
+    with pytest.raises(ValueError, match="semantic, coarse, fine at acoustic 75 Hz x 8.*tokenizers at acoustic 50 Hz x 12"):
+        Cascade.load(tmp_path)

@@ -13,6 +13,7 @@ from musiclm.models.stages import (
     sequence_lengths,
 )
 from musiclm.models.transformer import StageTransformer
+from musiclm.tokenizers.backends import TokenRates
 
 
 def aligned_sample(seconds: float) -> dict:
@@ -129,3 +130,91 @@ def test_bad_samples_are_refused():
         build_training_example({**sample, "acoustic": sample["acoustic"][:1]}, "coarse", cfg, np.random.default_rng(0))
     with pytest.raises(ValueError, match="not fine"):
         build_training_example(sample, "fine", cfg, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- other token rates (issue 3)
+
+ENCODEC = TokenRates(acoustic_frame_rate=75, acoustic_codebooks=8)  # EnCodec 24 kHz at 6 kbps: 75 Hz x 8 x 1024
+
+
+def encodec_sample(seconds: float) -> dict:
+    """Like ``aligned_sample`` at 75 Hz x 8: three acoustic frames per semantic frame."""
+    fs = int(seconds * 25)
+    frame_of = np.arange(3 * fs) // 3
+    acoustic = (frame_of[:, None] + 7 * np.arange(8)[None, :]) % 1024  # [F, 8]
+    return {"semantic": (np.arange(fs) % 1024).astype(np.int16), "acoustic": acoustic.astype(np.int16),
+            "mulan": np.arange(100, 112, dtype=np.int16)}
+
+
+def test_paper_rates_are_the_default():
+    assert StageConfig.preset("coarse", "tiny").rates == TokenRates() == StageConfig.preset("fine", "paper").rates
+    assert VocabLayout.for_stage("fine") == VocabLayout.for_stage("fine", TokenRates().to_dict())
+    assert sequence_lengths("coarse", 10) == sequence_lengths("coarse", 10, TokenRates())
+
+
+def test_encodec_layouts_and_lengths():
+    coarse, fine = VocabLayout.for_stage("coarse", ENCODEC), VocabLayout.for_stage("fine", ENCODEC)
+    assert coarse.num_outputs == 4 * 1024 and coarse.acoustic_offsets[4:] == (None,) * 4
+    assert fine.generated_levels == (4, 5, 6, 7) and fine.num_outputs == 4 * 1024
+    assert fine.acoustic_offsets == (4096, 5120, 6144, 7168, 0, 1024, 2048, 3072)
+    assert fine.vocab_size == (4 + 4 + 12) * 1024 + 2 and len(fine.acoustic_offsets) == 8
+    assert sequence_lengths("coarse", 2, ENCODEC) == (12 + 50 + 1, 150 * 4)
+    assert sequence_lengths("fine", 1, ENCODEC) == (12 + 75 * 4 + 1, 75 * 4)
+    cfg = StageConfig.preset("fine", "tiny", ENCODEC.to_dict())  # a dict (learner option, config.json) works too
+    assert cfg.rates == ENCODEC and cfg.transformer.vocab_size == fine.vocab_size
+    assert cfg.transformer.max_seq_len == max_seq_len_for("fine", 1.0, ENCODEC) >= 613
+    with pytest.raises(ValueError, match="vocab_size"):  # a transformer sized for other rates
+        StageConfig(stage="fine", crop_seconds=1.0, transformer=StageConfig.preset("fine", "tiny").transformer, rates=ENCODEC)
+
+
+def test_blocks_are_sized_per_codebook():
+    rates = TokenRates(acoustic_codebook_size=2048, semantic_codebook_size=500, conditioning_codebook_size=256,
+                       conditioning_codebooks=6, acoustic_codebooks=6, coarse_levels=2)
+    for stage in STAGES:
+        layout = VocabLayout.for_stage(stage, rates)
+        blocks = [(layout.mulan_offset + q * 256, 256) for q in range(6)]
+        blocks += [(o, 2048) for o in layout.acoustic_offsets if o is not None]
+        if layout.semantic_offset is not None:
+            blocks.append((layout.semantic_offset, 500))
+        blocks.sort()
+        assert blocks[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(blocks, blocks[1:]))  # contiguous
+        assert layout.sep == blocks[-1][0] + blocks[-1][1] and layout.vocab_size == layout.sep + 2
+    fine = VocabLayout.for_stage("fine", rates)
+    assert fine.num_outputs == 4 * 2048 and fine.allowed_ranges(5)[:, 0].tolist() == [0, 2048, 4096, 6144, 0]
+    codes = np.array([[2047, 0, 5, 1000], [1, 2, 3, 4]])  # [F=2, Q=4]
+    assert np.array_equal(fine.generated_codes(fine.acoustic_ids(codes, fine.generated_levels)), codes.T)
+    semantic = VocabLayout.for_stage("semantic", rates)
+    assert semantic.num_outputs == 500 and semantic.allowed_ranges(2).tolist() == [[0, 500], [0, 500]]
+    assert semantic.mulan_ids(np.full(6, 255)).tolist() == [500 + q * 256 + 255 for q in range(6)]
+    cfg = StageConfig.preset("coarse", "tiny", rates)
+    sample = {"semantic": np.array([499, 3]), "acoustic": np.full((6, 6), 2047), "mulan": np.full(6, 255)}
+    tokens, mask = build_training_example(sample, "coarse", cfg, np.random.default_rng(0))
+    assert len(tokens) == 6 + 2 + 1 + 4 * 2 and mask.sum() == 8 and tokens[6:8].tolist() == [cfg.layout.semantic_offset + 499, cfg.layout.semantic_offset + 3]
+    with pytest.raises(ValueError, match="outside \\[0, 500\\)"):
+        build_training_example({**sample, "semantic": np.array([500, 0])}, "coarse", cfg, np.random.default_rng(0))
+
+
+def test_encodec_examples_are_aligned_on_40_ms():
+    cfg = StageConfig.preset("fine", "tiny", ENCODEC)  # a 1-s crop: 25 semantic frames, 75 acoustic frames
+    layout = cfg.layout
+    tokens, mask = build_training_example(encodec_sample(3.0), "fine", cfg, np.random.default_rng(4))
+    assert len(tokens) == 12 + 300 + 1 + 300 and mask.sum() == 300 and mask[313:].all() and not mask[:313].any()
+    coarse = tokens[12:312].reshape(75, 4) - np.array(layout.acoustic_offsets[:4])
+    fine = tokens[313:].reshape(75, 4) - np.array(layout.acoustic_offsets[4:])
+    first = coarse[0, 0]
+    assert np.array_equal(coarse[:, 0], first + np.arange(75) // 3)  # three frames per semantic frame, from a boundary
+    assert np.array_equal(fine - coarse[:, :1], (7 * np.arange(4, 8))[None, :].repeat(75, 0))
+    coarse_cfg = StageConfig.preset("coarse", "tiny", ENCODEC)
+    tokens, mask = build_training_example(encodec_sample(3.0), "coarse", coarse_cfg, np.random.default_rng(5))
+    semantic = tokens[12:62] - coarse_cfg.layout.semantic_offset
+    acoustic = tokens[63:].reshape(150, 4) - np.array(coarse_cfg.layout.acoustic_offsets[:4])
+    assert np.array_equal(acoustic[:, 0], np.repeat(semantic, 3))
+
+
+def test_shards_of_other_rates_are_refused_clearly():
+    paper = StageConfig.preset("coarse", "tiny")
+    with pytest.raises(ValueError, match="last dim 12.*another tokenizer"):
+        build_training_example(encodec_sample(1.0), "coarse", paper, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="last dim 8"):
+        build_training_example(aligned_sample(1.0), "coarse", StageConfig.preset("coarse", "tiny", ENCODEC),
+                               np.random.default_rng(0))

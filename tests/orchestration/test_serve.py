@@ -20,7 +20,7 @@ import torch
 
 from musiclm.checkpoint import CheckpointError, save_artifact
 from musiclm.constants import ACOUSTIC_HOP, MULAN_CODEBOOK_SIZE, MULAN_CODEBOOKS, MULAN_DIM, SAMPLE_RATE
-from musiclm.orchestration.serve import COMPONENTS, ServeConfig, check_checkpoints, run_server
+from musiclm.orchestration.serve import COMPONENTS, ServeConfig, check_checkpoints, components, run_server
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +123,35 @@ def test_checkpoint_kinds_and_presets_are_checked(tmp_path, tiny_system):
         check_checkpoints(tmp_path / "swapped")
 
 
+def test_stages_of_other_token_rates_and_missing_backends_are_refused(tmp_path, tiny_system):
+    from musiclm.models.stages import StageConfig
+    from musiclm.models.transformer import StageTransformer
+    from musiclm.tokenizers.backends import BackendSpec, TokenRates, write_backends
+
+    root = tmp_path / "system"
+    shutil.copytree(tiny_system, root)
+    config = StageConfig.preset("fine", "tiny", TokenRates(acoustic_frame_rate=75, acoustic_codebooks=8))
+    save_artifact(root / "fine", kind="fine", preset="tiny", config=config,
+                  state_dict=StageTransformer(config.transformer).state_dict())
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoints(root)
+    message = str(info.value)
+    assert "\n" not in message and "tokenizers make tokens at acoustic 50 Hz x 12" in message
+    assert "fine models tokens at acoustic 75 Hz x 8" in message and "coarse models" not in message
+
+    # EnCodec and CLAP named: the codec needs no soundstream/, the conditioner only our RVQ, and their folders
+    write_backends(root, {"acoustic": BackendSpec("acoustic", "encodec", str(tmp_path)),
+                          "conditioner": BackendSpec("conditioner", "clap", str(tmp_path))})
+    folders = components(root)
+    assert folders["codec"] == () and folders["conditioner"] == ("mulan_rvq",) and folders["fine"] == ("fine",)
+    assert components(tiny_system) == COMPONENTS
+    (root / "backends.json").write_text('{"acoustic": {"backend": "encodec", "path": "/nowhere/encodec_24khz"}}')
+    shutil.rmtree(root / "soundstream")
+    with pytest.raises(CheckpointError, match="encodec model folder /nowhere/encodec_24khz named in backends.json") as info:
+        check_checkpoints(root)
+    assert "soundstream" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- HTTP
 
 
@@ -144,6 +173,7 @@ def test_health_reports_every_stage(server):
     assert health["preset"] == "tiny"
     assert set(health["checkpoints"]) == {"mulan", "mulan_rvq", "semantic", "coarse", "fine", "soundstream"}
     assert health["checkpoints"]["fine"].startswith("fine:tiny:")
+    assert health["token_rates"]["acoustic_frame_rate"] == 50 and health["token_rates"]["acoustic_codebooks"] == 12
     assert health["max_seconds"] == MAX_SECONDS
 
 

@@ -16,6 +16,7 @@ from musiclm.data import shards as sh
 from musiclm.pipelines.options import build_pipeline_options
 from musiclm.pipelines.prepare_audio import DEAD
 from musiclm.pipelines.tokenize import Tokenize, default_window_seconds, run_tokenize
+from musiclm.tokenizers.backends import BackendSpec, TokenRates, write_backends
 from musiclm.tokenizers.bundle import TokenizerBundle, save_random_tokenizers
 
 SR = 24000
@@ -52,11 +53,13 @@ def test_tokenize_dofn_isolates_a_failing_window(ckpt, bundle):
             | beam.Create([[good[0], bad, good[1]]])  # one batch: the bad window must not fail its neighbours
             | beam.ParDo(Tokenize(ckpt, None, None, ids)).with_outputs(DEAD, main="samples")
         )
+        info = bundle.token_info
         summary = out.samples | beam.Map(lambda s: (
-            s["__key__"], s["json"]["source"], s["json"]["tokenizers"] == ids, s["json"]["schema"],
-            s["acoustic"].tobytes(), s["semantic"].tobytes(), s["mulan"].tobytes()))
+            s["__key__"], s["json"]["source"], s["json"]["tokenizers"] == ids, s["json"]["token_info"] == info,
+            s["json"]["schema"], s["acoustic"].tobytes(), s["semantic"].tobytes(), s["mulan"].tobytes()))
         assert_that(summary, equal_to([
-            (key, "/c/a.wav", True, SHARD_SCHEMA_VERSION, t["acoustic"].tobytes(), t["semantic"].tobytes(), t["mulan"].tobytes())
+            (key, "/c/a.wav", True, True, SHARD_SCHEMA_VERSION, t["acoustic"].tobytes(), t["semantic"].tobytes(),
+             t["mulan"].tobytes())
             for key, t in expected]), label="samples")
         dead = out[DEAD] | beam.Map(lambda d: (d["uri"], d["stage"], "multiple of 960" in d["reason"]))
         assert_that(dead, equal_to([("/c/b.wav", "tokenize", True)]), label="dead")
@@ -87,6 +90,8 @@ def test_run_tokenize_dead_letters_memory_inputs_known_answer_and_reruns(ckpt, b
 
     manifest = sh.read_manifest(str(out))
     assert manifest["tokenizers"] == bundle.ids and manifest["schema"] == SHARD_SCHEMA_VERSION
+    assert manifest["token_info"] == bundle.token_info == json.loads((out / "plan.json").read_text())["token_info"]
+    assert manifest["token_info"]["rates"] == TokenRates().to_dict()
     assert manifest["window_seconds"] == 1.0 and manifest["num_samples"] == 3 and manifest["preset"] == "tiny"
     samples = {s["__key__"]: s for s in sh.iter_samples(str(out))}
     windows = sorted((Path(s["json"]["source"]).name, s["json"]["start"], s["json"]["end"]) for s in samples.values())
@@ -95,6 +100,7 @@ def test_run_tokenize_dead_letters_memory_inputs_known_answer_and_reruns(ckpt, b
         assert s["acoustic"].shape == (50, 12) and s["semantic"].shape == (25,) and s["mulan"].shape == (12,)
         assert s["acoustic"].dtype == s["semantic"].dtype == s["mulan"].dtype == np.int16
         assert s["json"]["tokenizers"] == bundle.ids and "." not in s["__key__"]
+        assert s["json"]["token_info"] == bundle.token_info
 
     # known answer: the shard holds what the bundle gives for that crop (the job batched it with
     # other windows: float rounding may flip a near-tie between two codes, nothing more)
@@ -111,3 +117,41 @@ def test_run_tokenize_dead_letters_memory_inputs_known_answer_and_reruns(ckpt, b
     assert sh.read_manifest(str(out)) == manifest
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("tokens-*.tar")}
     assert after == before
+
+
+def test_a_worker_with_other_tokenizers_than_the_plan_refuses_to_start(ckpt, bundle):
+    planned = {**bundle.token_info, "rates": {**bundle.token_info["rates"], "acoustic_frame_rate": 75}}
+    dofn = Tokenize(ckpt, None, None, bundle.ids, token_info=planned)
+    with pytest.raises(RuntimeError, match="not those the job was planned with"):
+        dofn.setup()
+    same = Tokenize(ckpt, None, None, None, token_info=bundle.token_info)
+    same.setup()
+    assert same.tokenizer_ids == bundle.ids
+
+
+def test_encodec_backend_shards_record_its_token_info(ckpt, tmp_path):
+    """EnCodec (random weights) as the acoustic tokenizer: 75 Hz x 8 tokens, and every record says so."""
+    import shutil
+
+    from musiclm.tokenizers.pretrained import save_random_backend
+
+    enc_ckpt = tmp_path / "ckpt"
+    for name in ("w2vbert", "semantic_kmeans", "mulan", "mulan_rvq"):
+        shutil.copytree(f"{ckpt}/{name}", enc_ckpt / name)
+    model = save_random_backend("encodec", tmp_path / "encodec_24khz", "tiny")
+    write_backends(enc_ckpt, {"acoustic": BackendSpec("acoustic", "encodec", str(model))})
+    write_wav(str(tmp_path / "one.wav"), _clip(2.0, 4), SR)
+    out = tmp_path / "tokens"
+    stats = run_tokenize([str(tmp_path / "one.wav")], str(out), str(enc_ckpt), progress=False, window_seconds=1.0)
+    assert stats["windows"] == 2 and stats["files_dead"] == 0
+    manifest = sh.read_manifest(str(out))
+    info = manifest["token_info"]
+    assert info["acoustic"]["backend"] == "encodec" and info["rates"]["acoustic_frame_rate"] == 75
+    assert info["rates"]["acoustic_codebooks"] == 8 and json.loads((out / "plan.json").read_text())["token_info"] == info
+    assert manifest["tokenizers"]["encodec"] == info["acoustic"]["id"]
+    samples = list(sh.iter_samples(str(out)))
+    assert len(samples) == 2
+    for s in samples:
+        assert s["acoustic"].shape == (75, 8) and s["acoustic"].dtype == np.int16 and s["semantic"].shape == (25,)
+        assert s["json"]["token_info"] == info and s["json"]["schema"] == SHARD_SCHEMA_VERSION
+    assert sh.check_same_tokenizers(sh.list_shards(str(out))) == info

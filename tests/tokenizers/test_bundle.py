@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -8,7 +10,15 @@ import pytest
 import torch
 
 from musiclm.checkpoint import CheckpointError, artifact_id
-from musiclm.tokenizers.bundle import COMPONENT_COMMANDS, TokenizerBundle, save_random_tokenizers
+from musiclm.tokenizers.backends import BackendSpec, TokenRates, write_backends
+from musiclm.tokenizers.bundle import (
+    COMPONENT_COMMANDS,
+    TokenizerBundle,
+    check_int16_rates,
+    ids_from_token_info,
+    required_folders,
+    save_random_tokenizers,
+)
 
 SR = 24000
 
@@ -99,3 +109,65 @@ def test_checkpoints_on_an_fsspec_url_load_through_a_local_copy(ckpt, bundle):
     assert loaded.ids == bundle.ids and loaded.ckpt_dir == remote
     wav = _clip(1.0, 5)
     np.testing.assert_array_equal(loaded.tokenize_window(wav)["semantic"], bundle.tokenize_window(wav)["semantic"])
+
+
+# ----------------------------------------------------------------------------- backends (issue 3)
+
+
+def test_ours_record_backends_and_paper_rates(bundle):
+    assert bundle.backends == {"acoustic": "soundstream", "semantic": "w2vbert", "conditioner": "mulan"}
+    assert bundle.rates == TokenRates() and bundle.token_info["rates"] == TokenRates().to_dict()
+    assert bundle.token_info["acoustic"]["ids"] == {"soundstream": bundle.ids["soundstream"]}
+    assert ids_from_token_info(bundle.token_info) == bundle.ids
+
+
+@pytest.fixture(scope="module")
+def encodec_ckpt(ckpt, tmp_path_factory) -> Path:
+    """Our semantic tokenizer and conditioner, EnCodec (random weights, the real 24-kHz architecture's rates) as
+    the acoustic tokenizer: no ``soundstream/``."""
+    from musiclm.tokenizers.pretrained import save_random_backend
+
+    root = tmp_path_factory.mktemp("encodec_ckpt")
+    for name in ("w2vbert", "semantic_kmeans", "mulan", "mulan_rvq"):
+        shutil.copytree(f"{ckpt}/{name}", root / "ckpt" / name)
+    model = save_random_backend("encodec", root / "encodec_24khz", "tiny")
+    write_backends(root / "ckpt", {"acoustic": BackendSpec("acoustic", "encodec", str(model))})
+    return root / "ckpt"
+
+
+def test_folders_needed_follow_the_backends(encodec_ckpt, tmp_path):
+    assert required_folders(encodec_ckpt) == ["w2vbert", "semantic_kmeans", "mulan", "mulan_rvq"]
+    TokenizerBundle.check_folders(encodec_ckpt)  # no soundstream/ needed
+    partial = tmp_path / "partial"
+    shutil.copytree(encodec_ckpt, partial)
+    shutil.rmtree(partial / "mulan_rvq")
+    with pytest.raises(CheckpointError) as err:
+        TokenizerBundle.check_folders(partial)
+    assert "mulan_rvq/" in str(err.value) and "musiclm fit mulan_rvq" in str(err.value)
+    assert "soundstream" not in str(err.value)
+    (partial / "backends.json").write_text(json.dumps({"acoustic": {"backend": "encodec", "path": str(tmp_path / "gone")}}))
+    with pytest.raises(CheckpointError, match="encodec model folder .*gone named in backends.json"):
+        TokenizerBundle.check_folders(partial)
+
+
+def test_encodec_bundle_tokenizes_at_75_hz_into_int16(encodec_ckpt, bundle):
+    loaded = TokenizerBundle.load(encodec_ckpt)
+    assert loaded.backends["acoustic"] == "encodec" and loaded.preset == "tiny"
+    assert loaded.rates == TokenRates(acoustic_frame_rate=75, acoustic_codebooks=8)
+    assert loaded.ids["encodec"] == loaded.token_info["acoustic"]["id"] and "soundstream" not in loaded.ids
+    assert loaded.ids["w2vbert"] == bundle.ids["w2vbert"]
+    tokens = loaded.tokenize_windows([_clip(1.0, 6), _clip(0.4, 7)])
+    assert tokens[0]["acoustic"].shape == (75, 8) and tokens[1]["acoustic"].shape == (30, 8)
+    assert tokens[0]["semantic"].shape == (25,) and tokens[0]["mulan"].shape == (12,)
+    assert all(t[name].dtype == np.int16 for t in tokens for name in t)
+    assert len(np.unique(tokens[0]["acoustic"])) > 8  # the codes vary with the audio
+    # the same networks checked against rates they do not make: a clear error, not a bad shard
+    wrong = dataclasses.replace(loaded, rates=TokenRates())
+    with pytest.raises(ValueError, match="acoustic codes \\(1, 8, 75\\) != \\[B, 12, 50\\]"):
+        wrong.tokenize_window(_clip(1.0, 6))
+
+
+def test_codebooks_too_large_for_int16_are_refused():
+    check_int16_rates(TokenRates(acoustic_codebook_size=32768))  # ids 0..32767 fit
+    with pytest.raises(ValueError, match="acoustic codebook has 65536 codes.*int16"):
+        check_int16_rates(TokenRates(acoustic_codebook_size=65536))

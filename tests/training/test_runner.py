@@ -218,3 +218,77 @@ def test_ray_two_workers_read_disjoint_shards(tmp_path, toy_shards, ray_session)
     assert _shards_of(traces["rank1"]) == {"s1", "s3"}
     assert json.loads((out / "training_state" / "state.json").read_text())["world_size"] == 2
     assert result["step"] == 12 and (out / "eval.json").is_file()
+
+
+# ----------------------------------------------------------------------------- stages and the tokenizers of their shards
+
+ENCODEC_RATES = {"acoustic_frame_rate": 75, "acoustic_codebooks": 8, "acoustic_codebook_size": 1024, "coarse_levels": 4,
+                 "semantic_frame_rate": 25, "semantic_codebook_size": 1024, "conditioning_codebooks": 12,
+                 "conditioning_codebook_size": 1024}
+
+
+def _token_info(backend: str, rates: dict) -> dict:
+    return {"acoustic": {"backend": backend, "version": "5.24.0", "id": f"{backend}:0123456789ab", "ids": {}},
+            "semantic": {"backend": "w2vbert", "version": "0.1.0", "ids": {"w2vbert": "w2vbert:tiny:aaa"}},
+            "conditioner": {"backend": "mulan", "version": "0.1.0", "ids": {"mulan": "mulan:tiny:bbb"}},
+            "rates": rates}
+
+
+def _stage_shards(folder: Path, token_info: dict | None, frame_rate: int, codebooks: int, shards: int = 2) -> Path:
+    """Token shards of 0.4-s windows (short sequences: fast steps) whose acoustic tokens repeat a short cycle."""
+    rng = np.random.default_rng(frame_rate)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        samples = []
+        for i in range(6):
+            key = f"w{shard}_{i:03d}"
+            start = rng.integers(0, 4)
+            frames = frame_rate * 2 // 5
+            acoustic = (np.arange(start, start + frames)[:, None] % 4 * 100 + np.arange(codebooks)[None, :]) % 1024
+            document = {"key": key, "schema": 2, "tokenizers": {"w2vbert": "w2vbert:tiny:aaa"}}
+            if token_info is not None:
+                document["token_info"] = token_info
+            samples.append({"__key__": key, "json": document, "acoustic": acoustic.astype(np.int16),
+                            "semantic": rng.integers(0, 1024, 10).astype(np.int16),
+                            "mulan": rng.integers(0, 1024, 12).astype(np.int16)})
+        write_shard(folder / f"tokens-{shard:06d}.tar", samples)
+    return folder
+
+
+def test_a_stage_trains_on_encodec_shaped_shards_and_keeps_their_rates(tmp_path):
+    info = _token_info("encodec", ENCODEC_RATES)
+    data = _stage_shards(tmp_path / "encodec", info, frame_rate=75, codebooks=8)
+    out = tmp_path / "coarse"
+    result = runner.train("coarse", data, out, workers=0, max_steps=4, log_every=2, batch_size=2, eval_batches=1)
+    assert result["step"] == 4 and np.isfinite(result["train"]["loss"]) and result["eval"]["ce"] > 0
+    from musiclm.training.stage_learner import load_stage
+
+    model, config = load_stage(out)
+    assert config.rates.to_dict() == ENCODEC_RATES and model.config.num_outputs == 4 * 1024
+    assert json.loads((out / "config.json").read_text())["meta"]["token_info"] == info
+    state = json.loads((out / "training_state" / "state.json").read_text())
+    assert state["rates"] == ENCODEC_RATES and state["token_info"] == info
+
+    # resuming this folder on shards of other tokenizers is refused before Ray starts
+    paper = _stage_shards(tmp_path / "paper", None, frame_rate=50, codebooks=12)
+    with pytest.raises(CheckpointError, match="config.json models tokens at acoustic 75 Hz x 8.*50 Hz x 12.*another --out"):
+        runner.train("coarse", paper, out, workers=0, max_steps=8)
+    other = _stage_shards(tmp_path / "other", _token_info("encodec", ENCODEC_RATES) | {"semantic": {"backend": "hubert"}},
+                          frame_rate=75, codebooks=8)
+    with pytest.raises(CheckpointError, match="other tokenizers \\(semantic.backend 'w2vbert' vs 'hubert'"):
+        runner.train("coarse", other, out, workers=0, max_steps=8)
+    with pytest.raises(ValueError, match="shards in .* hold tokens at acoustic 75 Hz"):
+        runner.train("coarse", data, tmp_path / "fresh", workers=0, max_steps=1, learner_options={"rates": {}})
+
+
+def test_stage_training_refuses_shards_of_different_tokenizers(tmp_path):
+    data = _stage_shards(tmp_path / "mixed", _token_info("soundstream", {**ENCODEC_RATES, "acoustic_frame_rate": 50,
+                                                                          "acoustic_codebooks": 12}), 50, 12, shards=1)
+    _stage_shards(tmp_path / "enc", _token_info("encodec", ENCODEC_RATES), 75, 8, shards=1)
+    (tmp_path / "enc" / "tokens-000000.tar").rename(data / "tokens-000001.tar")
+    with pytest.raises(ShardError) as err:
+        runner.train("fine", data, tmp_path / "out", workers=0, max_steps=2)
+    message = str(err.value)
+    assert "tokens-000000.tar and " in message and "tokens-000001.tar were made by different tokenizers" in message
+    assert "rates.acoustic_codebooks 12 vs 8" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # refused before anything ran

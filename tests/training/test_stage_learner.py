@@ -1,12 +1,14 @@
 """StageLearner: it learns a repetitive token language, beats its unigram baseline, resumes, exports."""
 
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from musiclm.checkpoint import CheckpointError
+from musiclm.tokenizers.backends import TokenRates
 from musiclm.training.stage_learner import StageLearner, load_stage
 
 torch.set_num_threads(1)
@@ -95,3 +97,38 @@ def test_bad_arguments():
         StageLearner("tiny", "cpu", stage="melody")
     with pytest.raises(ValueError, match="preset"):
         StageLearner("small", "cpu", stage="semantic")
+
+
+ENCODEC = TokenRates(acoustic_frame_rate=75, acoustic_codebooks=8)
+
+
+def test_a_stage_saved_before_rates_were_recorded_loads_with_the_papers(tmp_path):
+    learner = StageLearner("tiny", "cpu", stage="fine", batch_size=1)
+    learner.export(str(tmp_path / "fine"))
+    path = tmp_path / "fine" / "config.json"
+    document = json.loads(path.read_text())
+    assert document["config"]["rates"] == TokenRates().to_dict()
+    del document["config"]["rates"]  # as issue 2 wrote it
+    path.write_text(json.dumps(document))
+    model, config = load_stage(tmp_path / "fine")
+    assert config.rates == TokenRates() and config == learner.config
+    state = learner.state_dict()
+    del state["rates"]  # a training state of issue 2
+    StageLearner("tiny", "cpu", stage="fine").load_state_dict(state)
+
+
+def test_encodec_rates_size_the_model_and_a_state_of_other_rates_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    learner = StageLearner("tiny", "cpu", stage="fine", batch_size=2, rates=ENCODEC.to_dict(),
+                           token_info={"rates": ENCODEC.to_dict()})
+    assert learner.config.rates == ENCODEC and learner.model.head.out_features == 4 * 1024
+    sample = {"semantic": rng.integers(0, 1024, 10).astype(np.int16), "mulan": rng.integers(0, 1024, 12).astype(np.int16),
+              "acoustic": rng.integers(0, 1024, (30, 8)).astype(np.int16)}
+    out = learner.train_step(learner.collate([sample, sample]))
+    assert out["tokens"] == 2 * 30 * 4 and learner.unigram_log_probs().shape == (4 * 1024,)
+    learner.export(str(tmp_path / "fine"))
+    _, config = load_stage(tmp_path / "fine")
+    assert config.rates == ENCODEC
+    assert json.loads((tmp_path / "fine" / "config.json").read_text())["meta"]["token_info"] == {"rates": ENCODEC.to_dict()}
+    with pytest.raises(ValueError, match="75 Hz x 8.*50 Hz x 12"):
+        StageLearner("tiny", "cpu", stage="fine").load_state_dict(learner.state_dict())
