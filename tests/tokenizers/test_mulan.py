@@ -18,6 +18,7 @@ from musiclm.tokenizers.mulan import (
     load_mulan,
     load_mulan_rvq,
     save_mulan,
+    save_random_text_model,
 )
 
 torch.set_num_threads(1)
@@ -75,20 +76,52 @@ def test_embeddings_are_normalised(mulan):
     assert torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_windowing_rule(mulan):
-    """A 25-s clip is the normalised mean of its 16 10-s windows at a 1-s stride."""
+@pytest.mark.parametrize("seconds, windows", [(3, 1), (10, 1), (10.5, 1), (25, 16)])
+def test_clip_embedding_is_the_mean_over_10s_windows_at_1s_stride(mulan, seconds, windows):
+    """A clip's embedding is the normalised mean of its full 10-s windows at a 1-s stride (a 25-s clip
+    has 16: the 16th ends at 25 s exactly); a clip of at most 10 s is one window, the whole clip."""
     torch.manual_seed(1)
-    wav = torch.randn(1, 25 * SR) * 0.1
+    n = int(seconds * SR)
+    wav = torch.randn(2, n) * 0.1
+    starts = mulan.clip_windows(n)
+    assert len(starts) == windows and starts == [s * SR for s in range(windows)]
+    length = min(n, 10 * SR)
     with torch.no_grad():
-        windows = [mulan.audio_tower(wav[:, s * SR : s * SR + 10 * SR]) for s in range(16)]
-        manual = F.normalize(torch.cat(windows).mean(0, keepdim=True), dim=-1)
+        per_window = torch.stack([mulan.audio_tower(wav[:, s : s + length]) for s in starts])  # [W, 2, 128]
         got = mulan.embed_audio(wav, max_windows_per_call=5)  # chunking does not change the result
-        assert torch.allclose(got, manual, atol=1e-5)
-        # the 16th window ends at 25 s exactly; a 17th would not fit
-        assert not torch.allclose(got, F.normalize(torch.cat(windows[:15]).mean(0, keepdim=True), dim=-1), atol=1e-5)
-        # audio of at most 10 s is one window: the tower on the whole clip
-        short = wav[:, : 4 * SR]
-        assert torch.allclose(mulan.embed_audio(short), mulan.audio_tower(short), atol=1e-5)
+    assert got.shape == (2, 128) and torch.allclose(got, F.normalize(per_window.mean(0), dim=-1), atol=1e-5)
+    if windows > 1:  # every window counts: dropping the last one changes the embedding
+        assert not torch.allclose(got, F.normalize(per_window[:-1].mean(0), dim=-1), atol=1e-5)
+
+
+def test_embed_audio_refuses_bad_shapes(mulan):
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        mulan.embed_audio(torch.zeros(SR))
+    with pytest.raises(ValueError, match="too short"):
+        mulan.embed_audio(torch.zeros(1, 10))
+
+
+def test_text_tower_from_a_local_bert_folder(tmp_path):
+    """Any BERT-style folder (save_pretrained + a tokenizer) is a text tower, frozen or fine-tuned."""
+    path = save_random_text_model(tmp_path / "bert", hidden_size=32)
+    frozen = TextTower(str(path))
+    assert frozen.hidden_size == 32 and not any(p.requires_grad for p in frozen.parameters())
+    texts = ["a low hum at 128 bpm", "a high whistle!"]
+    assert frozen(texts).shape == (2, 32)
+
+    config = MuLanConfig.preset("tiny")
+    config.text_model, config.text_trainable = str(path), True
+    model = MuLan(config)
+    tower = model.text_tower
+    model.train()
+    assert tower.model.training  # a fine-tuned tower follows train()/eval()
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable and not any(".pooler." in n for n in trainable)  # mean pooling never uses the pooler
+    audio, text, scale = model(torch.randn(2, SR) * 0.1, texts)  # captions run through the tower in forward
+    assert audio.shape == text.shape == (2, 128)
+    (text.sum() + audio.sum()).backward()
+    assert all(p.grad is not None for n, p in tower.named_parameters() if n in trainable)
+    assert any(k.startswith("text_tower.") for k in model.trainable_state_dict())  # saved with the model
 
 
 def test_rvq_conditioner_and_artifacts(mulan, tmp_path):
