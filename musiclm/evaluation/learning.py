@@ -29,14 +29,11 @@ def si_snr(estimate: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> t
 
 
 def mel_distance(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean L1 distance between log-mel spectrograms at three resolutions, per row of ``[B, T]``."""
-    from musiclm.audio import MelSpectrogram
+    """Multi-scale mel distance per row of ``[B, T]``: the mean absolute log-mel difference over the
+    window lengths 2^6 .. 2^11 of SoundStream's reconstruction loss (``MultiScaleMel.distance``)."""
+    from musiclm.audio.mel import MultiScaleMel
 
-    total = torch.zeros(estimate.shape[0])
-    for n_fft in (512, 1024, 2048):
-        mel = MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=n_fft // 4, n_mels=64)
-        total += (mel(estimate) - mel(target)).abs().mean(dim=(1, 2))
-    return total / 3
+    return MultiScaleMel(sample_rate=SAMPLE_RATE).to(target.device).distance(target, estimate)
 
 
 @torch.inference_mode()

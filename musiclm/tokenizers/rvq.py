@@ -3,10 +3,16 @@ of MuLan's conditioning tokens (12 x 1024).
 
 Each level quantizes what the previous levels left over, so the reconstruction is the sum of one code
 vector per level and coarse levels carry most of the signal (what lets the coarse acoustic stage model
-only the first 4 levels). Codebooks are learned as in SoundStream / VQ-VAE-2: exponential moving
-averages of cluster sizes and sums (no gradient), k-means initialisation from the first training batch,
-and replacement of dead codes by vectors of the current batch. Gradients pass to the encoder with the
-straight-through estimator; a commitment loss pulls the encoder output toward its codes.
+only the first 4 levels). Two kinds of levels share the ``ResidualVQ`` mechanism:
+
+* ``VectorQuantizer`` (SoundStream / VQ-VAE-2): codebooks learned as exponential moving averages of
+  cluster sizes and sums (no gradient), k-means initialisation from the first training batch,
+  replacement of dead codes by vectors of the current batch; gradients pass to the encoder with the
+  straight-through estimator and a commitment loss pulls the encoder output toward its codes.
+* ``FactorizedVectorQuantizer`` (DAC): low-dimensional, L2-normalised codes learned by gradient.
+
+Quantizer dropout (SoundStream §3.3): in training each example keeps a random prefix of ``n_q ~ U[1, K]``
+levels, so that one model decodes any number of levels (a bitrate-scalable codec).
 """
 
 from __future__ import annotations
@@ -21,6 +27,22 @@ from torch import Tensor, nn
 from musiclm.tokenizers.kmeans import KMeans, nearest
 
 
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean squared error over the vectors ``[..., D]`` that ``mask[...]`` keeps (all when None)."""
+    if mask is None:
+        return F.mse_loss(a, b)
+    err = (a - b).pow(2).mean(dim=-1)  # [...]
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def touch(*modules: nn.Module) -> Tensor:
+    """``0 x`` the sum of the modules' parameters: a zero loss term through which every parameter takes
+    part in the backward pass. DistributedDataParallel (without ``find_unused_parameters``) fails on
+    parameters that got no gradient, as the levels that quantizer dropout skipped would."""
+    params = [p.sum() for m in modules for p in m.parameters() if p.requires_grad]
+    return torch.stack(params).sum() * 0.0 if params else torch.zeros(())
+
+
 class RVQOutput(NamedTuple):
     quantized: Tensor  # [B, N, D]  (straight-through: gradients reach the input)
     codes: Tensor  # [B, N, K] long; -1 on levels dropped by quantizer dropout
@@ -28,7 +50,12 @@ class RVQOutput(NamedTuple):
 
 
 class VectorQuantizer(nn.Module):
-    """One codebook of ``codebook_size`` vectors, learned by EMA (decay 0.99) rather than by gradient."""
+    """One codebook of ``codebook_size`` vectors, learned by EMA (decay 0.99) rather than by gradient.
+
+    ``dead_code_threshold`` is in vectors per step (the EMA of a code's usage): a code used less is
+    restarted at a vector of the current batch, and its usage is reset to twice the threshold so that
+    it gets ~70 steps (decay 0.99) to be picked before it may be restarted again.
+    """
 
     def __init__(
         self,
@@ -97,26 +124,34 @@ class VectorQuantizer(nn.Module):
         if n_dead == 0:
             return 0
         pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        self.codebook[dead] = flat[pick]
-        self.cluster_size[dead] = self.dead_code_threshold
-        self.embed_sum[dead] = flat[pick] * self.dead_code_threshold
+        # duplicates of one batch vector must differ, or only one of them could ever win
+        vectors = flat[pick] + 1e-3 * flat.std() * torch.randn(n_dead, self.dim, device=flat.device)
+        self.codebook[dead] = vectors
+        self.cluster_size[dead] = 2 * self.dead_code_threshold
+        self.embed_sum[dead] = vectors * 2 * self.dead_code_threshold
         return n_dead
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x[..., D] -> (quantized[..., D] (no straight-through), codes[...], commitment mse)``.
 
-        In training mode this also updates the codebook (k-means init, EMA, dead codes)."""
-        flat = x.detach().reshape(-1, self.dim).float()  # [N, D]
-        if self.training and not bool(self.initted):
-            self.init_codebook(flat)
-        codes = nearest(flat, self.codebook)[0]  # [N]
+        ``mask[...]`` (bool) marks the vectors this level quantizes (quantizer dropout): the others get
+        code -1 and a zero vector, and take no part in the codebook update or the loss. In training
+        mode this also updates the codebook (k-means init, EMA, dead codes)."""
+        flat = x.detach().reshape(-1, self.dim).to(self.codebook.dtype)  # [N, D]
+        active = None if mask is None else mask.reshape(-1)  # [N]
         if self.training:
-            self._ema_update(flat, codes)
-            self._replace_dead_codes(flat)
+            used = flat if active is None else flat[active]  # [n, D]
+            if used.shape[0]:
+                if not bool(self.initted):
+                    self.init_codebook(used)
+                self._ema_update(used, nearest(used, self.codebook)[0])
+                self._replace_dead_codes(used)
+        codes = nearest(flat, self.codebook)[0]  # [N]
+        if active is not None:
+            codes = torch.where(active, codes, -1)
         codes = codes.reshape(x.shape[:-1])  # [...]
-        quantized = F.embedding(codes, self.codebook).to(x.dtype)  # [..., D]
-        commit = F.mse_loss(x, quantized.detach())
-        return quantized, codes, commit
+        quantized = self.dequantize(codes).to(x.dtype)  # [..., D]
+        return quantized, codes, _masked_mse(x, quantized.detach(), mask)
 
 
 class ResidualVQ(nn.Module):
@@ -134,7 +169,7 @@ class ResidualVQ(nn.Module):
         commitment_weight: float = 1.0,
         kmeans_init: bool = True,
         dead_code_threshold: float = 2.0,
-        quantizer_dropout: bool = False,
+        quantizer_dropout: float = 0.0,
         make_layer: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
@@ -155,21 +190,40 @@ class ResidualVQ(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"ResidualVQ(dim={self.dim}) got vectors of size {x.shape[-1]}")
 
+    def _levels(self, n_q: int | None) -> int:
+        n_q = self.num_quantizers if n_q is None else int(n_q)
+        if not 1 <= n_q <= self.num_quantizers:
+            raise ValueError(f"this RVQ has levels 1..{self.num_quantizers}, asked for {n_q}")
+        return n_q
+
+    def dropout_levels(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        """Levels kept per example ``long[B]``: ``U[1, K]`` for a ``quantizer_dropout`` fraction of the
+        examples (SoundStream: all of them), ``K`` for the rest."""
+        keep = torch.full((batch,), self.num_quantizers, dtype=torch.long, device=device)
+        drawn = torch.randint(1, self.num_quantizers + 1, (batch,), device=device)
+        dropped = torch.rand(batch, device=device) < float(self.quantizer_dropout)
+        return torch.where(dropped, drawn, keep)
+
     def forward(self, x: Tensor, n_q: int | None = None) -> RVQOutput:
-        """Quantize ``x[B, N, D]`` with the first ``n_q`` levels (all by default; in training with
-        quantizer dropout a random ``n_q ~ U[1, K]`` per batch, as SoundStream does so that one model
-        serves every bitrate)."""
+        """Quantize ``x[B, N, D]`` with the first ``n_q`` levels (all by default). In training with
+        quantizer dropout each example keeps its own random prefix of levels (``dropout_levels``) and
+        the dropped levels' codes are -1."""
         self._check(x)
-        if n_q is None:
-            n_q = self.num_quantizers
-            if self.training and self.quantizer_dropout:
-                n_q = int(torch.randint(1, self.num_quantizers + 1, (1,)))
+        n_q = self._levels(n_q)
+        keep = None
+        if self.training and self.quantizer_dropout and x.ndim >= 2:
+            keep = self.dropout_levels(x.shape[0], x.device).clamp_max(n_q)  # [B]
+            n_q = int(keep.max())
         residual = x
         total = torch.zeros_like(x)
         codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.long, device=x.device)
         losses = []
         for k, layer in enumerate(self.layers[:n_q]):
-            q, c, commit = layer(residual)
+            if keep is None:
+                q, c, commit = layer(residual)
+            else:
+                mask = (keep > k).reshape(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])  # [B] -> [B, N]
+                q, c, commit = layer(residual, mask)
             if self.straight_through:
                 q = q.detach()
             residual = residual - q
@@ -179,15 +233,17 @@ class ResidualVQ(nn.Module):
         # one straight-through estimator for the sum: d quantized / d x = identity (not K x identity)
         quantized = x + (total - x).detach() if self.straight_through else total
         commit_loss = torch.stack(losses).mean() * self.commitment_weight
+        if self.training:
+            commit_loss = commit_loss + touch(*self.layers[n_q:])
         return RVQOutput(quantized, codes, commit_loss)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """``x[B, N, D] -> codes[B, N, K]`` long, every level."""
+    def encode(self, x: Tensor, n_q: int | None = None) -> Tensor:
+        """``x[B, N, D] -> codes[B, N, n_q]`` long, the first ``n_q`` levels (all by default)."""
         self._check(x)
         residual = x.to(self.layers[0].codebook.dtype)
         codes = []
-        for layer in self.layers:
+        for layer in self.layers[: self._levels(n_q)]:
             c = layer.quantize(residual)  # [B, N]
             residual = residual - layer.dequantize(c)
             codes.append(c)
@@ -303,19 +359,25 @@ class FactorizedVectorQuantizer(nn.Module):
         self.usage[dead] = 2 * self.dead_code_threshold
         return n_dead
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x[..., D] -> (quantized[..., D] (straight-through to x), codes[...], VQ loss)``.
 
         The loss is DAC's: codebook term ``|sg(z) - e|^2`` (moves codes) + 0.25 commitment
-        ``|z - sg(e)|^2`` (moves the encoder). Training mode also restarts dead codes."""
+        ``|z - sg(e)|^2`` (moves the encoder). ``mask[...]`` keeps vectors as in ``VectorQuantizer``.
+        Training mode also restarts dead codes."""
         z = self.project(x)  # [..., d]
         codes = self.nearest_code(z)  # [...]
         e = self.code_vectors(codes)  # [..., d]
-        loss = F.mse_loss(e, z.detach()) + 0.25 * F.mse_loss(z, e.detach())
+        loss = _masked_mse(e, z.detach(), mask) + 0.25 * _masked_mse(z, e.detach(), mask)
         if self.training:
-            self._replace_dead_codes(z, codes)
+            if mask is None:
+                self._replace_dead_codes(z, codes)
+            elif bool(mask.any()):
+                self._replace_dead_codes(z[mask], codes[mask])
         z_q = z + (e - z).detach()  # straight-through in the code space
-        return self.out_proj(z_q), codes, loss
+        if mask is None:
+            return self.out_proj(z_q), codes, loss
+        return self.out_proj(z_q) * mask.unsqueeze(-1).to(z_q.dtype), torch.where(mask, codes, -1), loss
 
     @torch.no_grad()
     def init_codebook(self, x: Tensor, iters: int = 10, seed: int = 0) -> Tensor:
@@ -342,7 +404,7 @@ class FactorizedResidualVQ(ResidualVQ):
         code_dim: int = 8,
         commitment_weight: float = 1.0,
         dead_code_threshold: float = 0.01,
-        quantizer_dropout: bool = False,
+        quantizer_dropout: float = 0.0,
         decay: float = 0.99,
     ):
         super().__init__(

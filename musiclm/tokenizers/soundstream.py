@@ -7,13 +7,16 @@ are the learner's business, ``musiclm.training.soundstream_learner``).
 
 Causality: every convolution is padded on the left only, and every transposed convolution trims its
 output on the right, so output sample ``n`` depends on codes of frames ``<= n // 480`` and code frame
-``f`` on input samples ``< (f + 1) * 480``. This is what makes the codec streamable.
+``f`` on input samples ``< (f + 1) * 480``. This is what makes the codec streamable: ``encode_stream`` /
+``decode_stream`` keep each convolution's left context (and the input it has not consumed yet) as state
+between chunks, so chunks of any size give exactly the codes and audio of one call on the whole signal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +30,13 @@ from musiclm.constants import (
     ACOUSTIC_HOP,
     SAMPLE_RATE,
 )
-from musiclm.tokenizers.rvq import FactorizedResidualVQ
+from musiclm.tokenizers.rvq import FactorizedResidualVQ, ResidualVQ, touch
 
 PRESETS = ("tiny", "paper")
+QUANTIZERS = ("ema", "factorized")
+
+# Streaming state: per convolution, the input it still needs (left context + unconsumed samples).
+StreamCache = dict[nn.Module, Tensor]
 
 
 @dataclass
@@ -45,11 +52,14 @@ class SoundStreamConfig:
     latent_dim: int = 512  # D: embedding (and codebook vector) size
     num_quantizers: int = ACOUSTIC_CODEBOOKS
     codebook_size: int = ACOUSTIC_CODEBOOK_SIZE
-    codebook_dim: int = 8  # DAC's factorized codes: matched by cosine in this many dimensions
-    ema_decay: float = 0.99  # decay of the code-usage average that finds dead codes
-    commitment_weight: float = 1.0  # weight of the VQ loss (codebook + 0.25 commitment)
+    # "ema": SoundStream's codebooks (EMA, k-means init, dead-code restarts, commitment loss);
+    # "factorized": DAC's low-dimensional normalised codes learned by gradient
+    quantizer: str = "ema"
+    codebook_dim: int = 8  # factorized codes only: matched by cosine in this many dimensions
+    ema_decay: float = 0.99  # EMA of codebooks (ema) / of code usage (both)
+    commitment_weight: float = 1.0  # ema: commitment mse weight; factorized: weight of codebook + 0.25 commitment
     dead_code_threshold: float = 0.01  # EMA usage (vectors / step) under which a code is restarted
-    quantizer_dropout: bool = True  # SoundStream's bitrate-scalable training
+    quantizer_dropout: float = 1.0  # fraction of examples trained on n_q ~ U[1, 12] levels (paper: all)
     causal: bool = True
     # discriminators (SoundStream: a multi-scale waveform discriminator and an STFT discriminator)
     wave_channels: int = 16
@@ -57,9 +67,13 @@ class SoundStreamConfig:
     wave_downsamples: int = 4  # grouped strided conv layers per scale (MelGAN)
     wave_scales: int = 3
     stft_channels: int = 32
-    stft_n_ffts: tuple[int, ...] = (1024,)  # one per STFT discriminator, hop n_fft // 4
+    stft_n_ffts: tuple[int, ...] = (2048, 1024, 512)  # one STFT discriminator per size, hop n_fft // 4
 
     def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown SoundStream quantizer '{self.quantizer}': valid are {', '.join(QUANTIZERS)}")
+        if not 0.0 <= float(self.quantizer_dropout) <= 1.0:
+            raise ValueError(f"quantizer_dropout is a fraction of examples in [0, 1], got {self.quantizer_dropout}")
         if math.prod(self.strides) != ACOUSTIC_HOP:
             raise ValueError(f"SoundStream strides {self.strides} multiply to {math.prod(self.strides)}, need {ACOUSTIC_HOP}")
         if self.sample_rate != SAMPLE_RATE:
@@ -76,12 +90,14 @@ class SoundStreamConfig:
         if name == "paper":
             return cls()
         if name == "tiny":
-            # trains to intelligible reconstructions in a few CPU-minutes; rates and vocabulary unchanged
+            # a few CPU-minutes of training; rates and vocabulary unchanged. Factorized codes: at the demo's
+            # budget (400 steps, benchmarks/bench_codec.py) they reached held-out mel distance 1.176 with
+            # a level-0 code perplexity of 48, EMA codebooks 1.188 with a collapsed level 0 (perplexity 1.1)
             return cls(
                 channels=8,
                 dilations=(1,),  # one residual unit per block: half the CPU time of (1, 3)
                 latent_dim=64,
-                quantizer_dropout=False,
+                quantizer="factorized",
                 wave_channels=4,
                 wave_max_channels=64,
                 wave_downsamples=2,
@@ -97,31 +113,64 @@ class SoundStreamConfig:
 
 class CausalConv1d(nn.Conv1d):
     """Conv1d padded so that output ``t`` sees inputs ``<= t * stride + stride - 1`` only (``causal``), or
-    padded symmetrically. Either way a length divisible by the stride shrinks exactly by the stride."""
+    padded symmetrically. Either way a length divisible by the stride shrinks exactly by the stride.
+
+    With a ``cache`` (streaming, causal only) the left padding is replaced by the input this layer kept
+    from the previous chunk: a chunk of any length gives the outputs it completes, and the samples not
+    yet consumed wait in the cache for the next chunk."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = True):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, dilation=dilation)
         total = (kernel_size - 1) * dilation + 1 - stride
+        self.causal = causal
         self.pad = (total, 0) if causal else (total // 2, total - total // 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, self.pad))
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        if cache is None:
+            return super().forward(F.pad(x, self.pad))
+        if not self.causal:
+            raise ValueError("only a causal SoundStream can stream")
+        past = cache.get(self)
+        if past is None:  # the start of the stream: the zeros of the whole-signal padding
+            past = x.new_zeros(x.shape[0], x.shape[1], self.pad[0])
+        full = torch.cat([past, x], dim=-1)  # [B, C, kept + T]
+        span = (self.kernel_size[0] - 1) * self.dilation[0] + 1
+        stride = self.stride[0]
+        outputs = (full.shape[-1] - span) // stride + 1 if full.shape[-1] >= span else 0
+        cache[self] = full[..., outputs * stride :]
+        if outputs == 0:
+            return x.new_zeros(x.shape[0], self.out_channels, 0)
+        return super().forward(full[..., : (outputs - 1) * stride + span])  # [B, C_out, outputs]
 
 
 class CausalConvTranspose1d(nn.ConvTranspose1d):
     """Transposed conv (kernel 2S, stride S) trimmed to exactly ``S`` times its input length; trimming
-    only on the right keeps output sample ``n`` dependent on input frames ``<= n // S``."""
+    only on the right keeps output sample ``n`` dependent on input frames ``<= n // S``.
+
+    Streaming (a ``cache``): output block ``j`` also needs input frame ``j - 1``, so the last frame of
+    each chunk is kept (zeros before the first chunk, which contribute nothing, as in one call)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, causal: bool = True):
         super().__init__(in_ch, out_ch, kernel_size=2 * stride, stride=stride)
         self.stride_ = stride
         self.causal = causal
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)  # [B, C, (L + 1) * S]
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         length = x.shape[-1] * self.stride_
-        start = 0 if self.causal else self.stride_ // 2
-        return y[..., start : start + length]  # [B, C, L * S]
+        if cache is None:
+            y = super().forward(x)  # [B, C, (L + 1) * S]
+            start = 0 if self.causal else self.stride_ // 2
+            return y[..., start : start + length]  # [B, C, L * S]
+        if not self.causal:
+            raise ValueError("only a causal SoundStream can stream")
+        if x.shape[-1] == 0:
+            return x.new_zeros(x.shape[0], self.out_channels, 0)
+        past = cache.get(self)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], 1)
+        cache[self] = x[..., -1:]
+        y = super().forward(torch.cat([past, x], dim=-1))  # [B, C, (L + 2) * S]
+        return y[..., self.stride_ : self.stride_ + length]  # [B, C, L * S]: the blocks of this chunk's frames
 
 
 class ResidualUnit(nn.Module):
@@ -132,8 +181,10 @@ class ResidualUnit(nn.Module):
         self.conv = CausalConv1d(channels, channels, 7, dilation=dilation, causal=causal)
         self.proj = nn.Conv1d(channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.proj(F.elu(self.conv(F.elu(x))))
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        if x.shape[-1] == 0:  # a streamed chunk that completed no frame of this layer
+            return x
+        return x + self.proj(F.elu(self.conv(F.elu(x), cache)))
 
 
 class EncoderBlock(nn.Module):
@@ -141,11 +192,13 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, dilations: tuple[int, ...], causal: bool = True):
         super().__init__()
-        self.units = nn.Sequential(*(ResidualUnit(in_ch, d, causal) for d in dilations))
+        self.units = nn.ModuleList(ResidualUnit(in_ch, d, causal) for d in dilations)
         self.down = CausalConv1d(in_ch, out_ch, 2 * stride, stride=stride, causal=causal)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.elu(self.units(x)))  # [B, out_ch, T / S]
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        for unit in self.units:
+            x = unit(x, cache)
+        return self.down(F.elu(x), cache)  # [B, out_ch, T / S]
 
 
 class DecoderBlock(nn.Module):
@@ -155,10 +208,13 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, dilations: tuple[int, ...], causal: bool = True):
         super().__init__()
         self.up = CausalConvTranspose1d(in_ch, out_ch, stride, causal=causal)
-        self.units = nn.Sequential(*(ResidualUnit(out_ch, d, causal) for d in dilations))
+        self.units = nn.ModuleList(ResidualUnit(out_ch, d, causal) for d in dilations)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.units(self.up(F.elu(x)))  # [B, out_ch, T * S]
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = self.up(F.elu(x), cache)  # [B, out_ch, T * S]
+        for unit in self.units:
+            x = unit(x, cache)
+        return x
 
 
 class Encoder(nn.Module):
@@ -169,13 +225,16 @@ class Encoder(nn.Module):
         c, causal = config.channels, config.causal
         widths = [c * 2**i for i in range(len(config.strides) + 1)]  # C, 2C, 4C, 8C, 16C
         self.stem = CausalConv1d(1, c, 7, causal=causal)
-        self.blocks = nn.Sequential(
-            *(EncoderBlock(widths[i], widths[i + 1], s, config.dilations, causal) for i, s in enumerate(config.strides))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(widths[i], widths[i + 1], s, config.dilations, causal) for i, s in enumerate(config.strides)
         )
         self.out = CausalConv1d(widths[-1], config.latent_dim, 3, causal=causal)
 
-    def forward(self, wav: Tensor) -> Tensor:
-        return self.out(F.elu(self.blocks(self.stem(wav))))
+    def forward(self, wav: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = self.stem(wav, cache)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.out(F.elu(x), cache)
 
 
 class Decoder(nn.Module):
@@ -186,23 +245,25 @@ class Decoder(nn.Module):
         c, causal = config.channels, config.causal
         widths = [c * 2**i for i in range(len(config.strides), -1, -1)]  # 16C, 8C, 4C, 2C, C
         self.stem = CausalConv1d(config.latent_dim, widths[0], 7, causal=causal)
-        self.blocks = nn.Sequential(
-            *(
-                DecoderBlock(widths[i], widths[i + 1], s, config.dilations, causal)
-                for i, s in enumerate(reversed(config.strides))
-            )
+        self.blocks = nn.ModuleList(
+            DecoderBlock(widths[i], widths[i + 1], s, config.dilations, causal)
+            for i, s in enumerate(reversed(config.strides))
         )
         self.out = CausalConv1d(c, 1, 7, causal=causal)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.out(F.elu(self.blocks(self.stem(z))))
+    def forward(self, z: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = self.stem(z, cache)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.out(F.elu(x), cache)
 
 
 # ---------------------------------------------------------------------------------------- the codec
 
 
 class SoundStream(nn.Module):
-    """Encoder -> residual VQ -> decoder. ``encode``/``decode`` are the acoustic tokenizer interface."""
+    """Encoder -> residual VQ -> decoder. ``encode``/``decode`` are the acoustic tokenizer interface;
+    ``encode_stream``/``decode_stream`` the same, chunk by chunk."""
 
     def __init__(self, config: SoundStreamConfig):
         super().__init__()
@@ -213,16 +274,27 @@ class SoundStream(nn.Module):
         self.num_codebooks = config.num_quantizers
         self.codebook_size = config.codebook_size
         self.encoder = Encoder(config)
-        self.quantizer = FactorizedResidualVQ(
-            config.latent_dim,
-            config.num_quantizers,
-            config.codebook_size,
-            code_dim=config.codebook_dim,
-            commitment_weight=config.commitment_weight,
-            dead_code_threshold=config.dead_code_threshold,
-            quantizer_dropout=config.quantizer_dropout,
-            decay=config.ema_decay,
-        )
+        if config.quantizer == "ema":
+            self.quantizer: ResidualVQ = ResidualVQ(
+                config.latent_dim,
+                config.num_quantizers,
+                config.codebook_size,
+                decay=config.ema_decay,
+                commitment_weight=config.commitment_weight,
+                dead_code_threshold=config.dead_code_threshold,
+                quantizer_dropout=config.quantizer_dropout,
+            )
+        else:
+            self.quantizer = FactorizedResidualVQ(
+                config.latent_dim,
+                config.num_quantizers,
+                config.codebook_size,
+                code_dim=config.codebook_dim,
+                commitment_weight=config.commitment_weight,
+                dead_code_threshold=config.dead_code_threshold,
+                quantizer_dropout=config.quantizer_dropout,
+                decay=config.ema_decay,
+            )
         self.decoder = Decoder(config)
 
     def _frames(self, wav: Tensor) -> Tensor:
@@ -234,32 +306,72 @@ class SoundStream(nn.Module):
             raise ValueError(f"SoundStream needs at least {self.hop_length} samples, got {wav.shape[-1]}")
         return wav[:, None, : frames * self.hop_length]  # [B, 1, F * 480]
 
-    def forward(self, wav: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, wav: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """``wav[B, T] -> (recon[B, F * 480], codes[B, K, F], commit_loss)``; trains the RVQ codebooks
-        (EMA) in training mode."""
+        in training mode (with quantizer dropout: each example its own number of levels, codes -1 above).
+        ``quantize=False`` decodes the latents themselves (a plain autoencoder; codes all -1)."""
         z = self.encoder(self._frames(wav)).transpose(1, 2)  # [B, F, D]
-        quantized, codes, commit = self.quantizer(z)
+        if quantize:
+            quantized, codes, commit = self.quantizer(z)
+        else:
+            quantized, commit = z, touch(self.quantizer).to(z.device)
+            codes = torch.full((*z.shape[:2], self.num_codebooks), -1, dtype=torch.long, device=z.device)
         recon = self.decoder(quantized.transpose(1, 2)).squeeze(1)  # [B, F * 480]
         return recon, codes.transpose(1, 2), commit  # codes [B, K, F]
 
     @torch.no_grad()
-    def encode(self, wav: Tensor) -> Tensor:
-        """``wav[B, T] -> codes[B, K, F]`` long, ``F = T // 480`` (a trailing partial frame is dropped)."""
+    def encode(self, wav: Tensor, num_quantizers: int | None = None) -> Tensor:
+        """``wav[B, T] -> codes[B, K, F]`` long, ``F = T // 480`` (a trailing partial frame is dropped);
+        ``K = num_quantizers`` (all 12 by default) coarsest levels."""
         z = self.encoder(self._frames(wav)).transpose(1, 2)  # [B, F, D]
-        return self.quantizer.encode(z).transpose(1, 2)  # [B, K, F]
+        return self.quantizer.encode(z, num_quantizers).transpose(1, 2)  # [B, K, F]
 
     def decode(self, codes: Tensor) -> Tensor:
         """``codes[B, K', F] -> wav[B, F * 480]``; ``K' < K`` decodes the first ``K'`` levels only."""
+        return self._decode(codes)
+
+    def _decode(self, codes: Tensor, cache: StreamCache | None = None) -> Tensor:
         if codes.ndim != 3:
             raise ValueError(f"SoundStream.decode expects codes[B, K, F], got shape {tuple(codes.shape)}")
+        if not 1 <= codes.shape[1] <= self.num_codebooks:
+            raise ValueError(f"SoundStream.decode takes 1..{self.num_codebooks} levels, got {codes.shape[1]}")
         z = self.quantizer.decode(codes.long().transpose(1, 2))  # [B, F, D]
-        return self.decoder(z.transpose(1, 2)).squeeze(1)  # [B, F * 480]
+        return self.decoder(z.transpose(1, 2), cache).squeeze(1)  # [B, F * 480]
+
+    @torch.no_grad()
+    def encode_stream(self, chunks: Iterable[Tensor], num_quantizers: int | None = None) -> Iterator[Tensor]:
+        """Codes of a signal that arrives in chunks ``wav[B, T_i]`` of any length: yields, per chunk, the
+        codes ``[B, K, f_i]`` of the frames it completes (``f_i`` may be 0). Together they are exactly
+        ``encode`` of the concatenated signal. Use in eval mode (training updates the codebooks)."""
+        self._check_streamable()
+        cache: StreamCache = {}
+        for chunk in chunks:
+            if chunk.ndim != 2:
+                raise ValueError(f"SoundStream.encode_stream expects chunks wav[B, T], got shape {tuple(chunk.shape)}")
+            z = self.encoder(chunk[:, None], cache).transpose(1, 2)  # [B, f_i, D]
+            yield self.quantizer.encode(z, num_quantizers).transpose(1, 2)  # [B, K, f_i]
+
+    @torch.no_grad()
+    def decode_stream(self, code_chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        """Audio of codes that arrive in chunks ``[B, K', f_i]``: yields ``wav[B, f_i * 480]`` per chunk,
+        together exactly ``decode`` of the concatenated codes."""
+        self._check_streamable()
+        cache: StreamCache = {}
+        for codes in code_chunks:
+            yield self._decode(codes, cache)
+
+    def _check_streamable(self) -> None:
+        if not self.config.causal:
+            raise ValueError("only a causal SoundStream (config.causal=True) can stream")
 
 
 def load_soundstream(path: str | os.PathLike, preset: str | None = None) -> SoundStream:
     """The trained codec of an artifact folder (kind ``soundstream``), in eval mode."""
     document, state = load_artifact(path, kind="soundstream", preset=preset)
-    model = SoundStream(config_from_dict(SoundStreamConfig, document["config"]))
+    config = dict(document["config"])
+    if "quantizer" not in config:  # written before the choice existed: factorized codes only
+        config["quantizer"] = "factorized"
+    model = SoundStream(config_from_dict(SoundStreamConfig, config))
     load_weights(model, state, path)
     return model.eval()
 

@@ -1,14 +1,16 @@
 """Training SoundStream: reconstruction + adversarial + feature-matching losses, RVQ commitment.
 
-The generator (encoder, RVQ, decoder) minimises
-  multi-scale mel reconstruction (L1 on mel and log-mel at FFT sizes 2^6 .. 2^11, as SoundStream)
-  + a small L1 waveform term
-  + hinge adversarial loss and relative feature-matching loss against the discriminators
-  + the RVQ commitment loss,
-and the discriminators (multi-scale waveform + multi-resolution STFT) minimise the hinge loss.
-The adversarial terms switch on after ``adversarial_start`` steps, so that a small model first learns
-to reconstruct and the discriminators then sharpen it. Loss weights follow EnCodec's published
-balance (mel 1, waveform 0.1, adversarial 3, feature 3, commitment 1).
+The generator (encoder, RVQ, decoder) minimises, as in the SoundStream paper (§3.4),
+  lambda_rec  * multi-scale spectral reconstruction (``musiclm.audio.mel.MultiScaleMel.loss``: L1 on mel +
+                sqrt(s/2)-weighted L2 on log-mel, windows s = 2^6 .. 2^11)
+  + lambda_adv  * hinge adversarial loss, averaged over the discriminators
+  + lambda_feat * feature-matching loss (mean L1 between the discriminators' feature maps of real and
+                  decoded audio, averaged over layers and discriminators)
+  + the RVQ commitment loss (and an optional L1 waveform term, 0 in the paper),
+with the paper's weights lambda_rec = 1, lambda_adv = 1, lambda_feat = 100; the discriminators
+(multi-scale waveform + multi-resolution STFT) minimise the hinge loss. The adversarial terms switch
+on after ``adversarial_start`` steps, so that a small model first learns to reconstruct and the
+discriminators then sharpen it.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from musiclm.audio.mel import MultiScaleMel
 from musiclm.checkpoint import save_artifact
 from musiclm.constants import ACOUSTIC_HOP, SAMPLE_RATE
 from musiclm.evaluation.learning import si_snr
 from musiclm.tokenizers.soundstream import SoundStream, SoundStreamConfig, SoundStreamDiscriminator
 
+__all__ = ["MultiScaleMel", "SoundStreamLearner", "SoundStreamTrainingConfig", "code_perplexity", "si_snr"]
+
 
 @dataclass
 class SoundStreamTrainingConfig:
-    """Optimisation settings; ``paper`` uses SoundStream's Adam settings, ``tiny`` a fast CPU schedule."""
+    """Optimisation settings; ``paper`` uses SoundStream's Adam settings and loss weights, ``tiny`` a fast
+    CPU schedule."""
 
     lr: float = 1e-4
     disc_lr: float = 1e-4
@@ -42,11 +48,17 @@ class SoundStreamTrainingConfig:
     adversarial_start: int = 1000  # generator steps of pure reconstruction before the GAN terms
     mel_scales: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     n_mels: int = 64
-    mel_weight: float = 1.0
-    wave_weight: float = 0.1
-    adversarial_weight: float = 3.0
-    feature_weight: float = 3.0
-    grad_clip: float = 10.0
+    mel_weight: float = 1.0  # lambda_rec
+    wave_weight: float = 0.0  # L1 on the waveform (not in the paper)
+    adversarial_weight: float = 1.0  # lambda_adv
+    feature_weight: float = 100.0  # lambda_feat
+    grad_clip: float = 1000.0
+    # steps as a plain autoencoder before the RVQ is switched on and fitted by k-means (residual by
+    # residual) on the latents of the last ``init_batches`` batches: the codebooks then start where
+    # the trained encoder puts its latents instead of chasing them (0: SoundStream's k-means init
+    # from the first batch)
+    quantizer_warmup: int = 0
+    init_batches: int = 16
     seed: int = 0
 
     @classmethod
@@ -54,9 +66,7 @@ class SoundStreamTrainingConfig:
         if name == "paper":
             return cls()
         if name == "tiny":
-            # measured: ~0.6 s/step on 1 CPU thread; mel loss 6.9 -> 4.3 in 150 steps. Adversarial terms
-            # switched on at step 150 of a 200-step run made reconstructions worse, so they start after
-            # the usual tiny run and with a lower weight (longer runs get them).
+            # the demo trains 400 steps: reconstruction alone first, the GAN terms for the last 150
             return cls(
                 lr=2e-3,
                 disc_lr=5e-4,
@@ -64,58 +74,12 @@ class SoundStreamTrainingConfig:
                 batch_size=4,
                 crop_seconds=0.48,
                 adversarial_start=250,
-                adversarial_weight=1.0,
+                quantizer_warmup=100,
             )
         raise ValueError(f"unknown SoundStream training preset '{name}': valid presets are tiny, paper")
 
 
 # ---------------------------------------------------------------------------------------- losses
-
-
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> Tensor:
-    """HTK-scale triangular mel filters ``[n_mels, n_fft // 2 + 1]``."""
-    n_freqs = n_fft // 2 + 1
-
-    def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
-
-    mel_points = np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2)
-    hz_points = 700.0 * (10 ** (mel_points / 2595.0) - 1.0)
-    freqs = np.linspace(0, sample_rate / 2, n_freqs)
-    lower, centre, upper = hz_points[:-2, None], hz_points[1:-1, None], hz_points[2:, None]  # [n_mels, 1]
-    up = (freqs[None] - lower) / np.maximum(centre - lower, 1e-9)
-    down = (upper - freqs[None]) / np.maximum(upper - centre, 1e-9)
-    return torch.from_numpy(np.clip(np.minimum(up, down), 0.0, None)).float()  # [n_mels, n_freqs]
-
-
-class MultiScaleMel(nn.Module):
-    """Mel spectrograms at several FFT sizes (hop n_fft / 4); the reconstruction loss and the eval
-    distance of SoundStream / EnCodec."""
-
-    def __init__(self, scales: tuple[int, ...], n_mels: int, sample_rate: int = SAMPLE_RATE):
-        super().__init__()
-        self.scales = scales
-        for s in scales:
-            bins = min(n_mels, s // 4)  # small FFTs have few frequency bins
-            self.register_buffer(f"fb_{s}", mel_filterbank(s, bins, sample_rate), persistent=False)
-            self.register_buffer(f"win_{s}", torch.hann_window(s), persistent=False)
-
-    def spectrograms(self, wav: Tensor) -> list[Tensor]:
-        mels = []
-        for s in self.scales:
-            spec = torch.stft(wav, s, s // 4, window=getattr(self, f"win_{s}"), return_complex=True).abs()  # [B, Fq, T']
-            mels.append(getattr(self, f"fb_{s}") @ spec)  # [B, n_mels, T']
-        return mels
-
-    def forward(self, target: Tensor, estimate: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L1 on mel + L1 on log-mel, log-mel L1 distance alone)``, each averaged over scales."""
-        loss, distance = 0.0, 0.0
-        for m_t, m_e in zip(self.spectrograms(target), self.spectrograms(estimate)):
-            log_d = (torch.log(m_t.clamp_min(1e-5)) - torch.log(m_e.clamp_min(1e-5))).abs().mean()
-            loss = loss + (m_t - m_e).abs().mean() + log_d
-            distance = distance + log_d
-        n = len(self.scales)
-        return loss / n, distance / n
 
 
 def code_perplexity(codes: Tensor, codebook_size: int) -> float:
@@ -141,13 +105,10 @@ def generator_hinge(split: list) -> Tensor:
 
 
 def feature_matching(split: list) -> Tensor:
-    """Relative L1 distance between real and fake feature maps, averaged over all layers."""
-    terms = [
-        (real.detach() - fake).abs().mean() / (real.detach().abs().mean() + 1e-6)
-        for _, feats in split
-        for real, fake in feats
-    ]
-    return torch.stack(terms).mean()
+    """SoundStream's L_feat: mean absolute difference between the feature maps of real and decoded
+    audio, averaged over the layers of each discriminator and over the discriminators."""
+    per_disc = [torch.stack([(real.detach() - fake).abs().mean() for real, fake in feats]).mean() for _, feats in split]
+    return torch.stack(per_disc).mean()
 
 
 # ---------------------------------------------------------------------------------------- learner
@@ -167,13 +128,20 @@ class SoundStreamLearner:
     ):
         self.preset = preset
         self.device = torch.device(device)
-        self.config = SoundStreamConfig.preset(preset)
-        self.train_config = SoundStreamTrainingConfig.preset(preset)
-        fields = {f.name for f in dataclasses.fields(SoundStreamTrainingConfig)}
-        unknown = set(options) - fields
+        # options name training settings or, for comparisons such as quantizer="ema", model settings
+        train_fields = {f.name for f in dataclasses.fields(SoundStreamTrainingConfig)}
+        model_fields = {f.name for f in dataclasses.fields(SoundStreamConfig)} - {"sample_rate"}
+        unknown = set(options) - train_fields - model_fields
         if unknown:
-            raise TypeError(f"SoundStreamLearner got unknown option(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        self.train_config = dataclasses.replace(self.train_config, **options)
+            raise TypeError(
+                f"SoundStreamLearner got unknown option(s) {sorted(unknown)}; valid: {sorted(train_fields | model_fields)}"
+            )
+        self.config = dataclasses.replace(
+            SoundStreamConfig.preset(preset), **{k: v for k, v in options.items() if k in model_fields}
+        )
+        self.train_config = dataclasses.replace(
+            SoundStreamTrainingConfig.preset(preset), **{k: v for k, v in options.items() if k in train_fields}
+        )
         tc = self.train_config
         self.batch_size = tc.batch_size
         self.crop_samples = max(ACOUSTIC_HOP, int(tc.crop_seconds * SAMPLE_RATE) // ACOUSTIC_HOP * ACOUSTIC_HOP)
@@ -183,10 +151,11 @@ class SoundStreamLearner:
         self.discriminator = SoundStreamDiscriminator(self.config).to(self.device)
         self.generator_train = wrap_model(self.model)
         self.discriminator_train = wrap_model(self.discriminator)
-        self.mel = MultiScaleMel(tc.mel_scales, tc.n_mels).to(self.device)
+        self.mel = MultiScaleMel(tuple(tc.mel_scales), tc.n_mels).to(self.device)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas, fused=True)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=tc.disc_lr, betas=tc.betas, fused=True)
         self.step = 0
+        self._init_batches: list[Tensor] = []  # recent warm-up batches (CPU) for the k-means fit
 
     # -------------------------------------------------------------- data
     def collate(self, samples: list[dict]) -> Tensor:
@@ -210,12 +179,26 @@ class SoundStreamLearner:
     def _clip(self, module: nn.Module) -> float:
         return float(torch.nn.utils.clip_grad_norm_(module.parameters(), self.train_config.grad_clip))
 
+    @torch.no_grad()
+    def _fit_quantizer(self, current: Tensor) -> None:
+        """k-means on the latents of the recent warm-up batches and this one: every RVQ level starts at
+        centroids of the residuals the trained encoder actually produces."""
+        wavs = [b.to(self.device) for b in self._init_batches] + [current]
+        latents = torch.cat([self.model.encoder(self.model._frames(w)).transpose(1, 2).flatten(0, 1) for w in wavs])
+        self.model.quantizer.fit(latents, iters=10, seed=self.train_config.seed)  # [N, D]
+        self._init_batches.clear()
+
     def train_step(self, batch: Tensor) -> dict[str, float]:
         tc = self.train_config
         wav = batch.to(self.device)
         self.model.train()
         self.discriminator.train()
-        recon, codes, commit = self.generator_train(wav)
+        warming_up = self.step < tc.quantizer_warmup
+        if warming_up:
+            self._init_batches = (self._init_batches + [batch.detach().cpu()])[-tc.init_batches :]
+        elif tc.quantizer_warmup > 0 and self.step == tc.quantizer_warmup:
+            self._fit_quantizer(wav)
+        recon, codes, commit = self.generator_train(wav, quantize=not warming_up)
         target = wav[:, : recon.shape[-1]]
         mel_loss, mel_distance = self.mel(target, recon)
         wave_l1 = (recon - target).abs().mean()
@@ -248,6 +231,7 @@ class SoundStreamLearner:
             metrics["disc_loss"] = d_loss.item()
         level0 = codes[:, 0]
         metrics["codes_used_level0"] = float(level0[level0 >= 0].unique().numel())
+        metrics["levels_mean"] = float((codes[:, :, 0] >= 0).sum(dim=1).float().mean())  # quantizer dropout
         self.step += 1
         metrics["step"] = float(self.step)
         return metrics
@@ -264,7 +248,7 @@ class SoundStreamLearner:
         finally:
             self.model.train(was_training)
         target = wav[:, : recon.shape[-1]]
-        _, mel_distance = self.mel(target, recon)
+        mel_distance = self.mel.distance(target, recon).mean()
         snr = si_snr(recon, target)
         return {
             "mel_distance": float(mel_distance),

@@ -67,3 +67,45 @@ def test_deterministic_gradient_and_no_state():
     assert list(mel.state_dict()) == []  # rebuilt from arguments, never stored in checkpoints
     mel64 = mel.to(torch.float64)
     assert mel64(x.detach().double()).dtype == torch.float64
+
+
+def test_magnitude_and_unnormalised_filters():
+    x = torch.randn(2, 4800)
+    power = MelSpectrogram(log=False, norm=None)(x)
+    magnitude = MelSpectrogram(log=False, power=1.0, norm=None)(x)
+    assert (magnitude > 0).all() and magnitude.shape == power.shape
+    peaks = mel_filterbank(24000, 1024, 64, norm=None).max(axis=1)  # triangles of height 1 sampled at the FFT bins
+    assert (peaks <= 1.0).all() and (peaks > 0.7).all()
+    with pytest.raises(ValueError):
+        MelSpectrogram(power=3.0)
+    with pytest.raises(ValueError):
+        mel_filterbank(24000, 1024, 64, norm="area")
+
+
+def test_multiscale_mel_loss_and_distance_known_answers():
+    from musiclm.audio.mel import MultiScaleMel
+
+    torch.manual_seed(0)
+    mel = MultiScaleMel()
+    assert mel.scales == (64, 128, 256, 512, 1024, 2048)
+    assert [m.n_mels for m in mel.mels] == [16, 32, 64, 64, 64, 64]  # 2^6 has only 33 FFT bins
+    x = torch.randn(2, 4800)
+    assert float(mel.loss(x, x)) == 0.0 and mel.distance(x, x).abs().max() == 0.0
+    # halving the amplitude shifts every log-mel bin by log 2 (the 1e-5 floor is far below these levels)
+    assert torch.allclose(mel.distance(x, 0.5 * x), torch.full((2,), float(np.log(2))), rtol=1e-3)
+    # one scale by hand: L1 on mel over bins + sqrt(s/2) * L2 on log-mel over bins, mean over frames
+    single = MultiScaleMel(scales=(256,), n_mels=64)
+    m = single.spectrograms(x)[0]  # [2, 64, F]
+    expected = (0.5 * m).sum(dim=1).mean() + 128**0.5 * torch.linalg.vector_norm(
+        torch.log(m + 1e-5) - torch.log(0.5 * m + 1e-5), dim=1).mean()
+    assert float(single.loss(x, 0.5 * x)) == pytest.approx(float(expected), rel=1e-5)
+    loss, distance = mel(x, 0.5 * x)
+    assert float(loss) == pytest.approx(float(mel.loss(x, 0.5 * x)), rel=1e-5)
+    assert float(distance) == pytest.approx(float(mel.distance(x, 0.5 * x).mean()), rel=1e-5)
+    # finite gradients even for a silent estimate (sqrt and log at 0), useful ones for a near-silent one
+    for scale in (0.0, 1e-4):
+        quiet = (scale * torch.randn(2, 4800)).requires_grad_()
+        mel.loss(x, quiet).backward()
+        assert torch.isfinite(quiet.grad).all() and (scale == 0 or quiet.grad.abs().sum() > 0)
+    with pytest.raises(ValueError):
+        mel.loss(x, x[:, :480])

@@ -102,12 +102,12 @@ def test_ema_moves_codebook_toward_data():
 
 def test_quantizer_dropout_uses_a_prefix_of_levels():
     torch.manual_seed(0)
-    rvq = ResidualVQ(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=True)
+    rvq = ResidualVQ(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=1.0)
     used = set()
     for _ in range(30):
         codes = rvq(torch.randn(2, 20, 8)).codes
         n = int((codes[0, 0] >= 0).sum())
-        assert (codes[..., :n] >= 0).all() and (codes[..., n:] == -1).all()
+        assert (codes[0, :, :n] >= 0).all() and (codes[0, :, n:] == -1).all()
         used.add(n)
     assert len(used) > 2 and min(used) >= 1 and max(used) <= 6
     rvq.eval()
@@ -174,3 +174,51 @@ def test_factorized_fit_for_untrained_bundles():
     rvq = FactorizedResidualVQ(dim=16, num_quantizers=4, codebook_size=32, code_dim=4).eval().fit(x, iters=5)
     codes = rvq.encode(x[None])
     assert codes.shape == (1, 300, 4) and codes[0, :, 0].unique().numel() > 10
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_quantizer_dropout_per_example_masks_levels(factorized):
+    torch.manual_seed(0)
+    make = FactorizedResidualVQ if factorized else ResidualVQ
+    rvq = make(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=1.0)
+    x = torch.randn(16, 10, 8, requires_grad=True)
+    out = rvq(x)
+    kept = (out.codes[:, 0] >= 0).sum(dim=-1)  # [B]: levels each example kept
+    assert kept.unique().numel() > 2  # examples differ within one batch
+    for b in range(16):
+        n = int(kept[b])
+        assert (out.codes[b, :, :n] >= 0).all() and (out.codes[b, :, n:] == -1).all()
+    out.quantized.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out.commit_loss)
+    # the dropped levels contribute nothing: the output is the decode of the kept codes
+    assert torch.allclose(rvq.decode(out.codes), out.quantized.detach(), atol=1e-5)
+    none = make(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=0.0)
+    assert (none(torch.randn(4, 5, 8)).codes >= 0).all()
+    half = make(dim=8, num_quantizers=6, codebook_size=16, quantizer_dropout=0.5)
+    levels = half.dropout_levels(4000)
+    assert 0.55 < float((levels == 6).float().mean()) < 0.62  # 1/2 kept whole + 1/2 * 1/6 drawn 6
+
+
+def test_masked_vectors_do_not_train_ema_codebooks():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=2, codebook_size=2, kmeans_init=False, decay=0.5, dead_code_threshold=0.0)
+    vq.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    vq.embed_sum.copy_(vq.codebook)
+    x = torch.tensor([[1.0, 0.0], [50.0, 0.0]])
+    q, codes, loss = vq(x, mask=torch.tensor([True, False]))
+    assert codes.tolist() == [0, -1] and torch.equal(q[1], torch.zeros(2)) and float(loss) < 1e-9
+    assert torch.allclose(vq.codebook[0], torch.tensor([1.0, 0.0]))  # the masked outlier moved nothing
+
+
+def test_encode_first_levels_and_dead_code_restart_grace():
+    torch.manual_seed(0)
+    x = torch.randn(300, 8)
+    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16).fit(x, iters=5)
+    codes = rvq.encode(x[None])
+    assert torch.equal(rvq.encode(x[None], n_q=2), codes[..., :2])
+    with pytest.raises(ValueError):
+        rvq.encode(x[None], n_q=5)
+    vq = VectorQuantizer(dim=4, codebook_size=8, kmeans_init=False, dead_code_threshold=0.5)
+    vq.cluster_size.fill_(0.0)
+    vq(torch.randn(32, 4))
+    assert (vq.cluster_size >= 0.5).all()  # restarted codes get 2x the threshold: not restarted again at once

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from musiclm.evaluation.learning import mel_distance
 from musiclm.tokenizers.soundstream import load_soundstream
 from musiclm.training.soundstream_learner import MultiScaleMel, SoundStreamLearner, si_snr
 
@@ -37,6 +38,7 @@ def test_collate_random_crops_and_padding(samples):
         learner.collate([{"json": {}}])
     with pytest.raises(TypeError):
         SoundStreamLearner("tiny", "cpu", learning_rate=1.0)
+    assert SoundStreamLearner("tiny", "cpu", quantizer="factorized").model.config.quantizer == "factorized"
     with pytest.raises(ValueError):
         SoundStreamLearner("medium", "cpu")
 
@@ -54,23 +56,40 @@ def test_losses_know_the_answer():
 
 def test_short_run_reduces_reconstruction_error_and_round_trips(samples, tmp_path):
     torch.manual_seed(0)
-    learner = SoundStreamLearner("tiny", "cpu", batch_size=2, crop_seconds=0.12, adversarial_start=24)
+    options = dict(batch_size=2, crop_seconds=0.12, adversarial_start=24, quantizer_warmup=12, init_batches=4)
+    learner = SoundStreamLearner("tiny", "cpu", **options)
     held_out = learner.collate([{"wav": melody(0.5, 99)}])  # [1, 2880]: 6 frames
-    history = []
-    for _ in range(27):
+    history, levels = [], []
+    for step in range(27):
         metrics = learner.train_step(learner.collate(samples))
         history.append(metrics["mel_loss"])
+        levels.append(metrics["levels_mean"])
         assert all(np.isfinite(v) for v in metrics.values()), metrics
+        if step == 11:  # the last autoencoder step: the RVQ is not used yet
+            assert metrics["codes_used_level0"] == 0
+            before_fit = learner.model.quantizer.layers[0].codebook.detach().clone()
+    # fitted by k-means on the warm-up latents at step 12
+    assert not torch.equal(learner.model.quantizer.layers[0].codebook.detach(), before_fit)
     assert "disc_loss" in metrics and "adv_loss" in metrics and "feature_loss" in metrics  # GAN phase ran
     assert learner.step == 27
     assert np.mean(history[-5:]) < 0.8 * np.mean(history[:3]), history
+    assert len(set(levels[12:])) > 1  # quantizer dropout: the number of levels varies
     report = learner.eval_step(held_out)
     assert set(report) >= {"mel_distance", "si_snr", "wave_l1", "codes_perplexity_l0"}
     assert np.isfinite(report["mel_distance"]) and 1.0 <= report["codes_perplexity_l0"] <= 6
 
+    # every prefix of levels decodes; more levels do not reconstruct worse (quantizer dropout)
+    learner.model.eval()
+    clip = learner.collate([{"wav": melody(2.0, 98)}])
+    with torch.no_grad():
+        codes = learner.model.encode(clip)
+        distances = [float(mel_distance(learner.model.decode(codes[:, :k]), clip[:, : codes.shape[-1] * 480]))
+                     for k in (1, 4, 12)]
+    assert all(np.isfinite(distances)) and distances[-1] <= distances[0] + 0.05, distances
+
     # resume: a fresh learner picks up models, optimizers, step and crop RNG
     state = learner.state_dict()
-    other = SoundStreamLearner("tiny", "cpu", batch_size=2, crop_seconds=0.12, adversarial_start=24)
+    other = SoundStreamLearner("tiny", "cpu", **options)
     other.load_state_dict(state)
     assert other.step == 27
     assert torch.equal(other.collate(samples), learner.collate(samples))
