@@ -146,6 +146,28 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    _require_dir(args.tokenizers, "--tokenizers")
+    _require_dir(args.data, "--data")
+    if args.max_clips <= 0:
+        raise UserError("--max-clips must be positive")
+    out = args.out or os.path.join(args.tokenizers, "eval")
+    if args.what == "mulan":
+        from musiclm.evaluation.mulan import evaluate_mulan
+
+        evaluate_mulan(args.tokenizers, args.data, out, max_clips=args.max_clips, device=args.device,
+                       eval_fraction=args.eval_fraction, prompt=args.prompt)
+        report = Path(out) / "mulan_eval.md"
+    else:
+        from musiclm.evaluation.codec import evaluate_codec
+
+        evaluate_codec(args.tokenizers, args.data, out, max_clips=args.max_clips, device=args.device)
+        report = Path(out) / "codec_eval.md"
+    print(report.read_text())
+    print(f"wrote {report} and its .json in {out}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -252,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/ and mulan/")
     fit.add_argument("--max-windows", type=int, default=2000)
 
+    evaluate = sub.add_parser("eval", help="evaluate a tokenizer on held-out audio shards")
+    eval_sub = evaluate.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for what, text in (
+        ("codec", "acoustic codec: SI-SNR, multi-scale mel distance and bitrate, side by side with Opus"),
+        ("mulan", "conditioner: text↔audio retrieval R@1/5/10 and zero-shot tagging over the aspects"),
+    ):
+        p = eval_sub.add_parser(what, help=text)
+        p.add_argument("--tokenizers", required=True, help="tokenizer checkpoint folder (backends.json is honoured)")
+        p.add_argument("--data", required=True, help="audio shards (the held-out split is used)")
+        p.add_argument("--out", help="report folder (default: TOKENIZERS/eval)")
+        p.add_argument("--max-clips", type=int, default=256 if what == "mulan" else 16)
+        p.add_argument("--device", default="cpu")
+        if what == "mulan":
+            p.add_argument("--eval-fraction", type=float, default=None,
+                           help="held-out fraction (default: the trainer's)")
+            p.add_argument("--prompt", default="{aspect}", help="zero-shot tagging prompt template")
+
     backends = sub.add_parser(
         "backends", help="choose the model behind each kind of token: ours or a pretrained one from a local folder"
     )
@@ -317,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "fit": cmd_fit,
         "backends": cmd_backends,
+        "eval": cmd_eval,
         "generate": cmd_generate,
         "serve": cmd_serve,
         "demo": cmd_demo,

@@ -126,7 +126,7 @@ def run_demo(config: DemoConfig) -> Path:
         results["serve"] = _serve_and_request(config, ckpt, work)
 
     with timer.step("evaluate on held-out clips"):
-        results["learning"] = _evaluate(ckpt, heldout, shards, np=np, torch=torch)
+        results["learning"] = _evaluate(ckpt, heldout, shards, work, np=np, torch=torch)
 
     results["timings_seconds"] = timer.seconds
     results["total_seconds"] = round(sum(timer.seconds.values()), 1)
@@ -180,20 +180,28 @@ def _serve_and_request(config: DemoConfig, ckpt: Path, work: Path) -> dict[str, 
     }
 
 
-def _evaluate(ckpt: Path, heldout: Path, shards: Path, *, np, torch) -> dict[str, Any]:
+def _evaluate(ckpt: Path, heldout: Path, shards: Path, work: Path, *, np, torch) -> dict[str, Any]:
+    """Held-out learning figures: each component against its baseline, plus the two tokenizer evaluations
+    a user would run (``musiclm eval codec`` against Opus, ``musiclm eval mulan`` retrieval and tagging)."""
     from musiclm.audio import load_audio
     from musiclm.data.captions import load_captions
     from musiclm.data.shards import iter_samples
-    from musiclm.evaluation.learning import codec_quality, mulan_retrieval, stage_cross_entropy
-    from musiclm.tokenizers.mulan import load_conditioner
+    from musiclm.evaluation.codec import evaluate_codec
+    from musiclm.evaluation.learning import codec_quality, stage_cross_entropy
+    from musiclm.evaluation.mulan import evaluate_mulan
+    from musiclm.pipelines.prepare_audio import run_prepare_audio
 
     captions = load_captions(str(heldout / "captions.jsonl"))
     ids = sorted(captions)
     wavs = torch.from_numpy(np.stack([load_audio(str(heldout / "audio" / f"{i}.wav")) for i in ids]))  # [N, T]
     learning: dict[str, Any] = {}
     learning["codec"] = codec_quality(ckpt / "soundstream", wavs[:, : 24000 * 4])
-    conditioner = load_conditioner(ckpt / "mulan", ckpt / "mulan_rvq")
-    learning["mulan"] = mulan_retrieval(conditioner, wavs, [captions[i]["caption"] for i in ids])
+    learning["codec_eval"] = evaluate_codec(ckpt, str(heldout / "audio"), work / "eval", max_clips=len(ids), seconds=4.0)
+    if not (shards / "heldout-audio" / "manifest.json").exists():
+        run_prepare_audio([str(heldout / "audio")], str(shards / "heldout-audio"),
+                          captions=str(heldout / "captions.jsonl"), window_seconds=wavs.shape[1] / 24000)
+    # every clip of this corpus is held out (another seed), so the whole of it is the eval split
+    learning["mulan_eval"] = evaluate_mulan(ckpt, str(shards / "heldout-audio"), work / "eval", eval_fraction=1.0)
 
     def samples(folder: Path) -> Callable[[], Any]:
         return lambda: iter_samples(str(folder), split_by_node=False, split_by_worker=False)
@@ -244,10 +252,24 @@ def _report_markdown(results: dict[str, Any], work: Path) -> str:
                      f"{c['untrained_mel_distance']:.3f} (untrained) |")
         lines.append(f"| SoundStream | SI-SNR dB (higher is better) | {c['trained_si_snr_db']:.2f} | "
                      f"{c['untrained_si_snr_db']:.2f} (untrained) |")
-    if "mulan" in learning:
-        m = learning["mulan"]
-        lines.append(f"| MuLan | text→audio R@1 among {m['clips']} clips | {m['text_to_audio_r1']:.3f} | {m['chance_r1']:.3f} (chance) |")
-        lines.append(f"| MuLan | text→audio R@5 | {m['text_to_audio_r5']:.3f} | {m['chance_r5']:.3f} (chance) |")
+    if "codec_eval" in learning:
+        full = learning["codec_eval"]["rows"][-1]
+        if full.get("opus_si_snr_db") is not None:
+            lines.append(f"| SoundStream vs Opus at {full['kbps']:g} kbps | SI-SNR dB | {full['si_snr_db']:.2f} | "
+                         f"{full['opus_si_snr_db']:.2f} (Opus) |")
+            lines.append(f"| SoundStream vs Opus at {full['kbps']:g} kbps | mel distance | {full['mel_distance']:.3f} | "
+                         f"{full['opus_mel_distance']:.3f} (Opus) |")
+    if "mulan_eval" in learning:
+        m = learning["mulan_eval"]
+        for direction, label in (("text_to_audio", "text→audio"), ("audio_to_text", "audio→text")):
+            r = m[direction]
+            lines.append(f"| MuLan | {label} R@1 / R@5 / R@10 among {m['clips']} clips | "
+                         f"{r['r1']:.3f} / {r['r5']:.3f} / {r['r10']:.3f} | "
+                         f"{r['chance_r1']:.3f} / {r['chance_r5']:.3f} / {r['chance_r10']:.3f} (chance) |")
+        tag = m.get("tagging", {})
+        if tag.get("aspects_evaluated"):
+            lines.append(f"| MuLan | zero-shot tagging mAP over {tag['aspects_evaluated']} aspects | {tag['map']:.3f} | "
+                         f"{tag['chance_map']:.3f} (chance) |")
     for stage in ("semantic", "coarse", "fine"):
         if stage in learning:
             s = learning[stage]
@@ -265,6 +287,7 @@ def _report_markdown(results: dict[str, Any], work: Path) -> str:
               f"- generated audio: `{work / 'generated.wav'}`, spectrogram `{work / 'generated.png'}`",
               f"- checkpoints (one folder per component): `{work / 'checkpoints'}`",
               f"- shards: `{work / 'shards'}` (audio/, tokens/, heldout-tokens/; manifest, dead letters and stats beside them)",
+              f"- tokenizer evaluations: `{work / 'eval'}` (codec_eval.md with codec_spectrograms.png, mulan_eval.md)",
               f"- loss curves: `{work}/loss_*.png`; metrics per step in each checkpoint's `metrics.jsonl`",
               f"- everything above as JSON: `{work / 'report.json'}`", ""]
     return "\n".join(lines)
