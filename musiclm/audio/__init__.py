@@ -1,4 +1,5 @@
-"""Audio I/O (any libsndfile format from any fsspec URL, mono, soxr-resampled) and the log-mel front end.
+"""Audio I/O (any libsndfile format from any fsspec URL, mono, soxr-resampled; whole or streamed in
+windows) and the log-mel front end.
 
 The mel module (torch) is imported lazily so that numpy-only users of the I/O functions — the demo
 corpus's worker processes, Beam decode steps — do not pay torch's import time.
@@ -8,11 +9,14 @@ from typing import TYPE_CHECKING
 
 from musiclm.audio.io import (
     AudioError,
+    AudioStream,
+    AudioWindow,
     audio_duration,
     decode_audio_bytes,
     encode_flac,
     encode_wav,
     load_audio,
+    stream_windows,
     window_starts,
     write_wav,
 )
@@ -24,6 +28,8 @@ _MEL_NAMES = ("MelSpectrogram", "hz_to_mel", "mel_filterbank", "mel_to_hz")
 
 __all__ = [
     "AudioError",
+    "AudioStream",
+    "AudioWindow",
     "MelSpectrogram",
     "audio_duration",
     "decode_audio_bytes",
@@ -33,6 +39,7 @@ __all__ = [
     "load_audio",
     "mel_filterbank",
     "mel_to_hz",
+    "stream_windows",
     "window_starts",
     "write_wav",
 ]

@@ -72,7 +72,10 @@ def cmd_tokenize(args: argparse.Namespace, beam_args: list[str]) -> int:
     _require_dir(args.tokenizers, "--tokenizers")
     from musiclm.pipelines.tokenize import run_tokenize
 
-    stats = run_tokenize(args.inputs, args.out, args.tokenizers, captions=args.captions, beam_args=beam_args)
+    if args.window_seconds is not None and args.window_seconds <= 0:
+        raise UserError("--window-seconds must be positive")
+    stats = run_tokenize(args.inputs, args.out, args.tokenizers, captions=args.captions, beam_args=beam_args,
+                         window_seconds=args.window_seconds)
     _print_job_stats(stats, args.out)
     return 0
 
@@ -124,12 +127,19 @@ def _parse_options(items: list[str] | None) -> dict:
     return options
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def cmd_fit(args: argparse.Namespace, beam_args: list[str]) -> int:
     _require_dir(args.data, "--data")
     _require_dir(args.tokenizers, "--tokenizers")
     from musiclm.training.fitting import fit_component
 
-    out = fit_component(args.what, args.data, args.tokenizers, max_windows=args.max_windows)
+    for flag, value in (("--max-frames", args.max_frames), ("--max-windows", args.max_windows), ("--k", args.k)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be positive")
+    out = fit_component(
+        args.what, args.data, args.tokenizers, max_windows=args.max_windows, max_frames=args.max_frames,
+        frames_per_window=args.frames_per_window, features_dir=args.features_dir, k=args.k, seed=args.seed,
+        beam_args=beam_args, device=args.device,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -253,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--out", required=True)
     tokenize.add_argument("--tokenizers", required=True, help="checkpoint folder holding the trained tokenizers")
     tokenize.add_argument("--captions", help="captions.jsonl or a MusicCaps CSV")
+    tokenize.add_argument("--window-seconds", type=float, default=None,
+                          help="crop window (default: the semantic stage's training crop of the tokenizers' preset)")
 
     train = sub.add_parser("train", help="train a tokenizer or a stage with Ray Train")
     train.add_argument("component", choices=[*TOKENIZER_COMPONENTS, *STAGES])
@@ -268,11 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="a learner option, e.g. --option text_trainable=true (repeatable)")
 
-    fit = sub.add_parser("fit", help="fit the semantic k-means or MuLan's RVQ on audio shards")
+    fit = sub.add_parser("fit", help="fit the semantic k-means or MuLan's RVQ on audio shards", epilog=beam_help)
     fit.add_argument("what", choices=["semantic_kmeans", "mulan_rvq"])
     fit.add_argument("--data", required=True, help="audio shards")
     fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/ and mulan/")
-    fit.add_argument("--max-windows", type=int, default=2000)
+    fit.add_argument("--max-windows", type=int, default=2000, help="mulan_rvq: audio windows to embed")
+    fit.add_argument("--max-frames", type=int, default=1_000_000,
+                     help="semantic_kmeans: feature frames sampled across the whole corpus (a Beam job)")
+    fit.add_argument("--frames-per-window", type=int, default=None, help="semantic_kmeans: cap per audio window")
+    fit.add_argument("--features-dir", help="where the sampled features go (default TOKENIZERS/semantic_kmeans/features; "
+                     "a rerun resumes)")
+    fit.add_argument("--k", type=int, default=1024, help="semantic_kmeans: centroids")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="cpu")
 
     evaluate = sub.add_parser("eval", help="evaluate a tokenizer on held-out audio shards")
     eval_sub = evaluate.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -339,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BEAM_COMMANDS = {"prepare", "tokenize"}
+BEAM_COMMANDS = {"prepare", "tokenize", "fit"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": lambda a: cmd_prepare(a, beam_args),
         "tokenize": lambda a: cmd_tokenize(a, beam_args),
         "train": cmd_train,
-        "fit": cmd_fit,
+        "fit": lambda a: cmd_fit(a, beam_args),
         "backends": cmd_backends,
         "eval": cmd_eval,
         "generate": cmd_generate,

@@ -1,8 +1,8 @@
 """Beam job: a raw audio corpus -> FLAC audio shards (24 kHz mono crops) for tokenizer training.
 
-    Create(uris) -> ReadAndValidate -> CropWindows -> MakeAudioSample -> AssignShard -> GroupByKey -> WriteShard
-                         |  dead letters (per file, before any batching)                                  |
-                         +-----------------------------> dead_letter.jsonl          manifest.json  <------+
+    Create(uris) -> ReadWindows -> MakeAudioSample -> AssignShard -> GroupByKey -> WriteShard
+                        |  dead letters (per file or window, before any batching)                 |
+                        +-----------------------------> dead_letter.jsonl     manifest.json  <----+
 
 This module also holds the pieces both Beam jobs share (input expansion, per-file validation
 with tagged dead-letter output, windowing, deterministic shard writing, the finishing files);
@@ -107,69 +107,94 @@ def caption_lookup(captions_path: str | None) -> Callable[[str], tuple[str, list
 # ----------------------------------------------------------------------------- shared DoFns
 
 
-class ReadAndValidate(beam.DoFn):
-    """One file -> ``(uri, wav float32[T])``; a bad or too-short file -> a tagged dead letter.
+def _window_element(uri: str, start: int, window_samples: int, sample_rate: int, wav: np.ndarray) -> dict[str, Any]:
+    start_s = start / sample_rate
+    return {"key": sh.sample_key(uri, start_s), "uri": uri, "start": start_s,
+            "end": (start + window_samples) / sample_rate, "wav": wav}
 
-    Per file and before any batching, so one bad input never fails its neighbours.
+
+class ReadWindows(beam.DoFn):
+    """One file -> its crop windows ``{"key", "uri", "start", "end", "wav"}``, streamed; problems -> dead letters.
+
+    The file is decoded block by block (``musiclm.audio.AudioStream``) and each full window is
+    emitted as soon as its samples are in. The steps after this one are fused with it and take the
+    windows one at a time (Tokenize batches a few), so no step holds a long file: memory is a few
+    blocks and windows whatever the file's length. Per file and before any batching, so one bad
+    input never fails its neighbours. Dead letters (tag ``DEAD``):
+
+    - the file as a whole (stage ``read``): missing, empty, not audio, truncated header, shorter
+      than one window, or non-finite samples in every window;
+    - one window (stage ``window``, with its ``start`` in seconds): it overlaps non-finite samples;
+      the file's other windows go on;
+    - the rest of a file that breaks off after some good windows (stage ``read``, with the
+      ``start`` of the first window lost): the windows before the break are kept.
     """
 
-    def __init__(self, window_samples: int, sample_rate: int = SAMPLE_RATE, progress_path: str | None = None):
+    def __init__(self, window_samples: int, hop_samples: int, sample_rate: int = SAMPLE_RATE,
+                 progress_path: str | None = None, block_seconds: float | None = None):
         self.window_samples = window_samples
+        self.hop_samples = hop_samples
         self.sample_rate = sample_rate
         self.progress_path = progress_path
+        self.block_seconds = block_seconds
         self.ok = Metrics.counter(NAMESPACE, "files_ok")
         self.dead = Metrics.counter(NAMESPACE, "files_dead")
         self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms_read")
+        self.windows = Metrics.counter(NAMESPACE, "windows")
+        self.bad_windows = Metrics.counter(NAMESPACE, "windows_non_finite")
 
     def process(self, uri: str) -> Iterable[Any]:
-        from musiclm.audio import AudioError, load_audio
+        from musiclm.audio import AudioError, AudioStream
+        from musiclm.audio.io import DEFAULT_BLOCK_SECONDS
 
+        stream = AudioStream(uri, self.sample_rate, self.block_seconds or DEFAULT_BLOCK_SECONDS)
+        good, next_start = 0, 0
+        bad: list[dict[str, Any]] = []  # held back until a good window shows the file is not bad throughout
         try:
-            wav = load_audio(uri, self.sample_rate)
-        except AudioError as err:
-            yield from self._dead(uri, str(err))
-            return
-        except Exception as err:  # anything else about one file stays about that file
-            yield from self._dead(uri, f"{type(err).__name__}: {err}")
-            return
-        if wav.shape[0] < self.window_samples:
-            have, need = wav.shape[0] / self.sample_rate, self.window_samples / self.sample_rate
-            yield from self._dead(uri, f"shorter than one window ({have:.2f} s < {need:.2f} s)")
-            return
+            for window in stream.windows(self.window_samples, self.hop_samples):
+                next_start = window.start + self.hop_samples
+                if window.error is not None:
+                    self.bad_windows.inc()
+                    bad.append({**sh.dead_letter(uri, window.error, "window"),
+                                "start": round(window.start / self.sample_rate, 6)})
+                    if good:
+                        yield from self._tagged(bad)
+                        bad = []
+                    continue
+                if bad:
+                    yield from self._tagged(bad)
+                    bad = []
+                good += 1
+                self.windows.inc()
+                yield _window_element(uri, window.start, self.window_samples, self.sample_rate, window.wav)
+        except Exception as err:  # AudioError, or anything else about this one file
+            reason = str(err) if isinstance(err, AudioError) else f"{type(err).__name__}: {err}"
+            if good == 0:  # nothing usable before the break: the file as a whole
+                yield from self._dead(uri, reason + (" (and non-finite samples in every window before)" if bad else ""))
+                return
+            start = round(next_start / self.sample_rate, 6)
+            yield from self._tagged([{**sh.dead_letter(uri, f"{reason}; windows from {start:.2f} s on are lost", "read"),
+                                      "start": start}])
+        else:
+            if good == 0:
+                have, need = stream.num_samples / self.sample_rate, self.window_samples / self.sample_rate
+                reason = ("audio contains non-finite samples (NaN or Inf) in every window" if bad
+                          else f"shorter than one window ({have:.2f} s < {need:.2f} s)")
+                yield from self._dead(uri, reason)
+                return
         self.ok.inc()
-        self.audio_ms.inc(int(1000 * wav.shape[0] / self.sample_rate))
+        self.audio_ms.inc(int(1000 * stream.num_samples / self.sample_rate))
         record_progress(self.progress_path, files=1)
-        yield uri, wav
+
+    @staticmethod
+    def _tagged(records: list[dict[str, Any]]) -> Iterable[Any]:
+        for record in records:
+            yield beam.pvalue.TaggedOutput(DEAD, record)
 
     def _dead(self, uri: str, reason: str) -> Iterable[Any]:
         self.dead.inc()
         record_progress(self.progress_path, files=1, dead=1)
         yield beam.pvalue.TaggedOutput(DEAD, sh.dead_letter(uri, reason, "read"))
-
-
-class CropWindows(beam.DoFn):
-    """``(uri, wav)`` -> one element per full crop window: ``{"key", "uri", "start", "end", "wav"}``."""
-
-    def __init__(self, window_samples: int, hop_samples: int, sample_rate: int = SAMPLE_RATE):
-        self.window_samples = window_samples
-        self.hop_samples = hop_samples
-        self.sample_rate = sample_rate
-        self.windows = Metrics.counter(NAMESPACE, "windows")
-
-    def process(self, element: tuple[str, np.ndarray]) -> Iterable[dict[str, Any]]:
-        from musiclm.audio import window_starts
-
-        uri, wav = element
-        for start in window_starts(wav.shape[0], self.window_samples, self.hop_samples):
-            self.windows.inc()
-            start_s = start / self.sample_rate
-            yield {
-                "key": sh.sample_key(uri, start_s),
-                "uri": uri,
-                "start": start_s,
-                "end": (start + self.window_samples) / self.sample_rate,
-                "wav": wav[start : start + self.window_samples],
-            }
 
 
 def window_metadata(window: dict[str, Any], lookup: Callable[[str], tuple[str, list[str]]], **extra: Any) -> dict:
@@ -396,7 +421,8 @@ def run_job(
     wall = time.time() - start
     manifest = sh.read_manifest(out_dir) or {"num_samples": 0, "num_shards": 0}
     dead = sh.read_dead_letters(out_dir)
-    dead_files = {d["uri"] for d in dead if d["stage"] == "read"}
+    # whole files only: a letter with a "start" is about part of a file whose other windows are in shards
+    dead_files = {d["uri"] for d in dead if d["stage"] == "read" and "start" not in d}
     windows = int(manifest["num_samples"])
     audio_seconds = windows * window_seconds
     stats = {
@@ -437,11 +463,10 @@ def build_prepare_audio_pipeline(
     read = (
         p
         | "Create" >> beam.Create(uris)
-        | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(window, SAMPLE_RATE, progress_path)).with_outputs(DEAD, main="ok")
+        | "ReadWindows" >> beam.ParDo(ReadWindows(window, hop, SAMPLE_RATE, progress_path)).with_outputs(DEAD, main="ok")
     )
     _ = (
         read.ok
-        | "Window" >> beam.ParDo(CropWindows(window, hop))
         | "SkipFinishedShards" >> beam.ParDo(SkipFinishedShards(done, num_shards))
         | "MakeAudioSample" >> beam.ParDo(MakeAudioSample(captions_path, SAMPLE_RATE, progress_path))
         | "WriteShards" >> WriteShards(

@@ -1,6 +1,6 @@
 """Beam job: an audio corpus -> token shards (A, S, M_A per crop window) for the three stages.
 
-    Create(uris) -> ReadAndValidate -> Window -> BatchElements -> Tokenize -> AssignShard -> GroupByKey -> WriteShard
+    Create(uris) -> ReadWindows -> BatchElements -> Tokenize -> AssignShard -> GroupByKey -> WriteShard
                         |  dead letters (per file)                    |  dead letters (per window)           |
                         +-------------------------+-------------------+                                      v
                                                   v                                                     manifest.json
@@ -35,8 +35,7 @@ from musiclm.data import shards as sh
 from musiclm.pipelines.prepare_audio import (
     DEAD,
     NAMESPACE,
-    CropWindows,
-    ReadAndValidate,
+    ReadWindows,
     SkipFinishedShards,
     WriteDeadLetters,
     WriteShards,
@@ -54,10 +53,11 @@ MAX_BATCH = 8
 
 
 def default_window_seconds(preset: str) -> float:
-    """The crop window for a tokenizer preset: the semantic stage's training crop of that preset."""
-    from musiclm.models.stages import StageConfig
+    """The crop window for a tokenizer preset: the semantic stage's training crop of that preset. Tokenizers
+    that are all pretrained have no preset of ours: the `paper` crop (the user may pass another)."""
+    from musiclm.models.stages import PRESETS, StageConfig
 
-    return float(StageConfig.preset("semantic", preset).crop_seconds)
+    return float(StageConfig.preset("semantic", preset if preset in PRESETS else "paper").crop_seconds)
 
 
 class Tokenize(beam.DoFn):
@@ -156,11 +156,10 @@ def build_tokenize_pipeline(
     read = (
         p
         | "Create" >> beam.Create(uris)
-        | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(window, SAMPLE_RATE, progress_path)).with_outputs(DEAD, main="ok")
+        | "ReadWindows" >> beam.ParDo(ReadWindows(window, hop, SAMPLE_RATE, progress_path)).with_outputs(DEAD, main="ok")
     )
     tokenized = (
         read.ok
-        | "Window" >> beam.ParDo(CropWindows(window, hop))
         | "SkipFinishedShards" >> beam.ParDo(SkipFinishedShards(done, num_shards))
         # fixed-size batches (the remainder at the end of a bundle): no adaptive ramp-up from 1
         | "Batch" >> beam.BatchElements(min_batch_size=max_batch_size, max_batch_size=max_batch_size)

@@ -5,7 +5,11 @@ Two fitting paths share one initialisation (k-means++ on a sample):
 
 * a tensor ``x[N, D]``: full-batch Lloyd iterations (exact, for data that fits in memory);
 * an iterable of ``[n, D]`` batches: mini-batch k-means (Sculley, 2010), so that a million frames of
-  embeddings are streamed through and never held in memory at once.
+  embeddings are streamed through and never held in memory at once;
+* :meth:`KMeans.fit_streaming`, for corpus-scale samples on disk: k-means++ on a bounded reservoir
+  sample, mini-batch passes, then Lloyd passes whose sums are accumulated chunk by chunk (exact Lloyd
+  iterations without the data in memory), and a last pass for the inertia. Memory: one chunk plus the
+  centroids and their ``[k, D]`` sums, whatever the number of frames.
 
 Distances are computed in chunks as ``|x|^2 - 2 x.c + |c|^2`` so that ``[N, k]`` is never materialised
 for large ``N``. Everything is deterministic for a given ``seed``.
@@ -13,7 +17,9 @@ for large ``N``. Everything is deterministic for a given ``seed``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +30,10 @@ _CHUNK_ELEMENTS = 1 << 22  # rows per distance chunk = this / k: bounds the [row
 
 def squared_distances(x: Tensor, centroids: Tensor) -> Tensor:
     """``[n, D] x [k, D] -> [n, k]`` squared Euclidean distances, clamped at 0 (rounding)."""
-    d = x.pow(2).sum(-1, keepdim=True) - 2.0 * x @ centroids.T + centroids.pow(2).sum(-1)[None, :]
+    # one [n, k] buffer, updated in place: a streaming fit calls this thousands of times, and each extra
+    # temporary of that size is allocator churn that shows up as resident memory
+    d = torch.addmm(centroids.pow(2).sum(-1)[None, :], x, centroids.T, alpha=-2.0)  # [n, k]
+    d += x.pow(2).sum(-1, keepdim=True)
     return d.clamp_min_(0.0)
 
 
@@ -81,6 +90,57 @@ def jittered_copies(x: Tensor, count: int, generator: torch.Generator) -> Tensor
     scale = 1e-3 * scale if scale > 0 else 1e-6
     noise = torch.randn(count, x.shape[1], generator=generator, dtype=x.dtype) * scale
     return x[idx] + noise.to(x.device)
+
+
+def reservoir_sample(batches: Iterable[Tensor], size: int, rng: np.random.Generator) -> tuple[Tensor, int]:
+    """A uniform sample of ``size`` rows from a stream of ``[n, D]`` batches (Vitter's Algorithm R,
+    vectorised per batch): memory ``size x D`` however long the stream. Returns (sample ``[min(size, N), D]``
+    float32, ``N`` rows seen)."""
+    if size < 1:
+        raise ValueError(f"reservoir size must be >= 1, got {size}")
+    reservoir: Tensor | None = None
+    seen = 0
+    for batch in batches:
+        batch = torch.as_tensor(batch).detach().float().cpu()
+        n = batch.shape[0]
+        if n == 0:
+            continue
+        if reservoir is None:
+            reservoir = torch.empty(size, batch.shape[1])
+        filled = min(seen, size)
+        fill = min(n, size - filled)
+        reservoir[filled : filled + fill] = batch[:fill]
+        rest = np.arange(seen + fill, seen + n)  # global indices of the rows past the fill
+        if rest.size:
+            slots = (rng.random(rest.size) * (rest + 1)).astype(np.int64)  # uniform in [0, i]
+            keep = np.flatnonzero(slots < size)
+            # rows are offered in order: for a slot drawn twice the later row wins, as in the sequential algorithm
+            slots_kept = slots[keep]
+            _, last = np.unique(slots_kept[::-1], return_index=True)
+            chosen = keep[::-1][last]
+            reservoir[torch.from_numpy(slots[chosen])] = batch[torch.from_numpy(fill + chosen)]
+        seen += n
+    if reservoir is None:
+        return torch.zeros(0, 0), 0
+    return reservoir[: min(seen, size)], seen
+
+
+@dataclass
+class StreamingFitStats:
+    """What :meth:`KMeans.fit_streaming` did (saved in the artifact's meta)."""
+
+    frames: int  # rows in one pass over the data
+    init_sample: int  # rows of the reservoir k-means++ was seeded from
+    minibatch_passes: int
+    lloyd_passes: int  # Lloyd passes run (may stop early)
+    reads: int  # passes over the data in all, the init and the inertia pass included
+    inertia: float  # sum of squared distances to the nearest centroid, final centroids
+    inertia_per_frame: float
+    empty_clusters: int  # centroids nearest to no frame at the end
+    reassigned: int  # centroids moved to a far reservoir point because no frame chose them
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class KMeans(nn.Module):
@@ -201,6 +261,103 @@ class KMeans(nn.Module):
         for _ in range(passes - 1):
             for b in batches:
                 self._minibatch_update(self._check(b), counts)
+
+    @torch.no_grad()
+    def fit_streaming(
+        self,
+        batches: Callable[[int], Iterable[Tensor]],
+        *,
+        minibatch_passes: int = 2,
+        lloyd_passes: int = 3,
+        init_size: int | None = None,
+        seed: int = 0,
+        tol: float = 1e-4,
+    ) -> StreamingFitStats:
+        """Fit on data too large for memory, read again for every pass.
+
+        ``batches(epoch)`` returns a fresh iterable of ``[n, D]`` batches over the whole data (the
+        source may shuffle its order by ``epoch``). Pass 0 fills a reservoir of ``init_size`` rows
+        (default ``max(2k, 256)``) for k-means++; then ``minibatch_passes`` of Sculley's updates move the
+        centroids close to a solution cheaply, and ``lloyd_passes`` exact Lloyd iterations (sums and
+        counts accumulated batch by batch) refine them, stopping once the inertia improves by less than
+        ``tol`` (relative). A centroid no row chose in a pass is moved to a reservoir point drawn with
+        probability proportional to its squared distance from the centroids (the k-means++ rule), so
+        none stays dead. A last pass measures the inertia of the final centroids.
+        """
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        device = self.centroids.device
+        init_size = init_size or self._init_sample_size()
+        sample, frames = reservoir_sample((self._check(b) for b in batches(0)), init_size, rng)
+        if frames == 0:
+            raise ValueError("KMeans.fit_streaming got no data points")
+        sample = sample.to(device)
+        self.centroids.copy_(kmeans_plus_plus(sample, self.k, generator))
+        reads, reassigned, lloyd_done = 1, 0, 0
+        if frames > self.k:
+            counts = torch.zeros(self.k, device=device)
+            for epoch in range(minibatch_passes):
+                chosen = torch.zeros(self.k, dtype=torch.bool, device=device)
+                for batch in batches(1 + epoch):
+                    batch = self._check(batch)
+                    before = counts.clone()
+                    self._minibatch_update(batch, counts)
+                    chosen |= counts > before
+                reads += 1
+                reassigned += self._reseed(~chosen, sample, rng)
+                counts[~chosen] = 0  # a reseeded centroid learns at the full rate again
+            previous = None
+            for epoch in range(lloyd_passes):
+                sums = torch.zeros_like(self.centroids)  # [k, D]
+                sizes = torch.zeros(self.k, device=device)  # [k]
+                inertia = 0.0
+                for batch in batches(1 + minibatch_passes + epoch):
+                    batch = self._check(batch)
+                    assign, dist = nearest(batch, self.centroids)
+                    sums.index_add_(0, assign, batch)
+                    sizes += torch.bincount(assign, minlength=self.k).to(sizes.dtype)
+                    inertia += float(dist.double().sum())
+                reads += 1
+                lloyd_done += 1
+                empty = sizes == 0
+                self.centroids[~empty] = sums[~empty] / sizes[~empty, None]
+                reassigned += self._reseed(empty, sample, rng)
+                if previous is not None and previous - inertia <= tol * max(previous, 1e-12):
+                    break
+                previous = inertia
+        self.fitted.fill_(True)
+        inertia, sizes = 0.0, torch.zeros(self.k, device=device)
+        for batch in batches(1 + minibatch_passes + lloyd_done):
+            assign, dist = nearest(self._check(batch), self.centroids)
+            sizes += torch.bincount(assign, minlength=self.k).to(sizes.dtype)
+            inertia += float(dist.double().sum())
+        reads += 1
+        return StreamingFitStats(
+            frames=frames,
+            init_sample=int(sample.shape[0]),
+            minibatch_passes=minibatch_passes if frames > self.k else 0,
+            lloyd_passes=lloyd_done,
+            reads=reads,
+            inertia=inertia,
+            inertia_per_frame=inertia / frames,
+            empty_clusters=int((sizes == 0).sum()),
+            reassigned=reassigned,
+        )
+
+    def _reseed(self, which: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
+        """Move the centroids ``which`` (bool ``[k]``) to sample points drawn with probability
+        proportional to their squared distance from the other centroids. Returns how many moved."""
+        n = int(which.sum())
+        if n == 0:
+            return 0
+        _, dist = nearest(sample, self.centroids[~which]) if bool((~which).any()) else (None, torch.ones(len(sample)))
+        weights = dist.double().cpu().numpy()
+        total = weights.sum()
+        if not np.isfinite(total) or total <= 0:
+            return 0  # every sample point already has a centroid: nothing better to move to
+        picks = rng.choice(len(sample), size=n, replace=n > int((weights > 0).sum()), p=weights / total)
+        self.centroids[which] = sample[torch.from_numpy(picks).to(sample.device)]
+        return n
 
     # ------------------------------------------------------------------ inference
     def _require_fitted(self) -> None:

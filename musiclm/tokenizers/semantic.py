@@ -2,9 +2,10 @@
 
 w2v-BERT (Chung et al., 2021) pretrains a conformer with two objectives at once:
 
-* the *contrastive module* (the first conformer blocks) sees features with spans masked out and must pick,
-  at every masked frame, the quantized version of the true (unmasked) feature among distractors — the
-  wav2vec 2.0 task; a learned Gumbel-softmax quantizer provides those targets and a discrete code id per frame;
+* the *contrastive module* (a linear projection, then the first conformer blocks) sees the feature
+  encoder's output with spans replaced by random vectors and must pick, at every masked frame, the
+  quantized version of the true (unmasked) feature among distractors — the wav2vec 2.0 task; a learned
+  Gumbel-softmax quantizer on the unmasked features provides those targets and a code id per frame;
 * the *MLM module* (the remaining blocks) reads the contrastive module's output and predicts, at the masked
   frames, the quantizer's code ids (BERT-style masked prediction).
 
@@ -48,7 +49,8 @@ PRESETS = ("tiny", "paper")
 @dataclass
 class W2VBertConfig:
     """w2v-BERT sizes. Defaults are the ~600M-parameter model MusicLM uses (w2v-BERT XL: 24 conformer
-    layers of width 1024, 12 contrastive + 12 MLM, features from the 7th MLM layer)."""
+    layers of width 1024, 8 heads, kernel 5, 12 contrastive + 12 MLM, features from the 7th MLM layer;
+    637M here with the relative-position projections and the conv front end)."""
 
     sample_rate: int = SAMPLE_RATE
     n_mels: int = 64
@@ -78,6 +80,8 @@ class W2VBertConfig:
     diversity_weight: float = 0.1
     # features for the semantic tokens: 1-based index of an MLM layer
     feature_layer: int = 7
+    # what masked frames are replaced with: "random" vectors (w2v-BERT) or one "learned" vector (wav2vec 2.0)
+    mask_with: str = "random"
 
     @classmethod
     def preset(cls, name: str) -> W2VBertConfig:
@@ -113,6 +117,8 @@ class W2VBertConfig:
             raise ValueError(f"the 'vq' quantizer codes 4 stacked log-mel frames: code_dim must be {4 * self.n_mels}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.mask_with not in ("random", "learned"):
+            raise ValueError(f"mask_with must be 'random' or 'learned', got {self.mask_with!r}")
 
 
 class ConvSubsampler(nn.Module):
@@ -166,11 +172,19 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class SelfAttention(nn.Module):
-    """Pre-LN multi-head self-attention over all frames (bidirectional).
+def relative_positions(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embeddings of the relative distances ``frames - 1, ..., 0, ..., -(frames - 1)``: ``[2F - 1, dim]``."""
+    distance = torch.arange(frames - 1, -frames, -1, device=device, dtype=torch.float32)  # [2F - 1]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = distance[:, None] * inv_freq[None, :]  # [2F - 1, dim / 2]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).to(dtype)  # [2F - 1, dim]
 
-    No absolute positions: the conformer's depthwise convolution gives every layer relative position
-    information, which is all a crop-invariant encoder needs.
+
+class SelfAttention(nn.Module):
+    """Pre-LN multi-head self-attention with the conformer's relative sinusoidal positional encoding
+    (Transformer-XL; Gulati et al., 2020): the score of query i and key j adds a content term
+    ``(q_i + u) . k_j`` and a position term ``(q_i + v) . W p_{i-j}``: attention knows how far apart two
+    frames are, never where a crop starts.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):
@@ -178,14 +192,28 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.pos = nn.Linear(dim, dim, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(heads, dim // heads))
+        self.pos_bias_v = nn.Parameter(torch.zeros(heads, dim // heads))
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D]; pos_emb [2T - 1, D] from :func:`relative_positions`."""
         B, T, D = x.shape
+        H, Dh = self.heads, D // self.heads
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)  # 3 × [B, T, D]
-        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D/H]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (t.view(B, T, H, Dh).transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
+        p = self.pos(pos_emb).view(2 * T - 1, H, Dh).transpose(0, 1)  # [H, 2T - 1, Dh]
+        scores = torch.einsum("bhtd,hrd->bhtr", q + self.pos_bias_v[:, None], p)  # [B, H, T, 2T - 1]
+        # query i, key j sit at distance i - j, column T - 1 - i + j of row i: Transformer-XL's shift (pad a
+        # column, fold rows, drop the first) moves every row into place without a gather
+        scores = F.pad(scores, (1, 0)).view(B, H, 2 * T, T)[:, :, 1:]  # [B, H, 2T - 1, T]
+        position = scores.reshape(B, H, T, 2 * T - 1)[..., :T]  # [B, H, T, T]
+        y = F.scaled_dot_product_attention(
+            q + self.pos_bias_u[:, None], k, v, attn_mask=position / math.sqrt(Dh),
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
         return F.dropout(self.out(y), self.dropout, self.training)
 
@@ -225,9 +253,9 @@ class ConformerBlock(nn.Module):
         self.ff2 = FeedForward(d, config.ff_mult, p)
         self.norm = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
         x = x + 0.5 * self.ff1(x)
-        x = x + self.attn(x)
+        x = x + self.attn(x, pos_emb)
         x = x + self.conv(x)
         x = x + 0.5 * self.ff2(x)
         return self.norm(x)
@@ -282,18 +310,26 @@ class VQTargetQuantizer(nn.Module):
 
 
 class ContrastiveModule(nn.Module):
-    """Conformer blocks that read features with masked spans replaced by a learned mask embedding."""
+    """Masking, a linear projection, then conformer blocks (w2v-BERT's contrastive module, less the
+    quantizer, which reads the unmasked features). Masked frames become random vectors (w2v-BERT) of the
+    features' scale — LayerNorm'd, so unit variance — or wav2vec 2.0's one learned vector."""
 
     def __init__(self, config: W2VBertConfig):
         super().__init__()
-        self.mask_embedding = nn.Parameter(torch.randn(config.dim) * 0.02)
+        self.mask_with = config.mask_with
+        if config.mask_with == "learned":
+            self.mask_embedding = nn.Parameter(torch.randn(config.dim) * 0.02)
+        self.projection = nn.Linear(config.dim, config.dim)
         self.blocks = nn.ModuleList(ConformerBlock(config) for _ in range(config.contrastive_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
-            x = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)  # [B, F, D]
+            fill = torch.randn_like(x) if self.mask_with == "random" else self.mask_embedding.to(x.dtype)
+            x = torch.where(mask.unsqueeze(-1), fill, x)  # [B, F, D]
+        x = self.projection(x)
+        pos_emb = relative_positions(x.shape[1], x.shape[2], x.device, x.dtype)  # [2F - 1, D]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, pos_emb)
         return x
 
 
@@ -307,8 +343,9 @@ class MLMModule(nn.Module):
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Hidden states after ``upto`` blocks (all if None)."""
+        pos_emb = relative_positions(x.shape[1], x.shape[2], x.device, x.dtype)  # [2F - 1, D]
         for block in self.blocks[:upto]:
-            x = block(x)
+            x = block(x, pos_emb)
         return x
 
 

@@ -13,13 +13,12 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from musiclm.audio import write_wav
+from musiclm.audio import encode_flac, load_audio, write_wav
 from musiclm.data import shards as sh
 from musiclm.pipelines.options import build_pipeline_options, is_local_runner, runner_name
 from musiclm.pipelines.prepare_audio import (
     DEAD,
-    CropWindows,
-    ReadAndValidate,
+    ReadWindows,
     WriteShards,
     default_num_shards,
     expand_inputs,
@@ -97,39 +96,44 @@ def test_expand_inputs_folders_globs_missing_and_memory(corpus):
 # ----------------------------------------------------------------------------- transforms
 
 
-def test_read_and_validate_dead_letters_each_bad_file_with_its_reason(corpus):
+def test_read_windows_streams_each_file_and_dead_letters_files_and_windows(corpus, tmp_path):
     root = corpus["root"]
-    uris = expand_inputs([root, corpus["missing"]])
+    nan_mid = _tone(4.0, 300)
+    nan_mid[int(2.5 * SR)] = np.nan  # spoils the window [2 s, 3 s) only
+    sf.write(str(tmp_path / "nan_mid.wav"), nan_mid, SR, subtype="FLOAT")
+    flac = encode_flac(_tone(6.0, 250), SR)
+    (tmp_path / "cut.flac").write_bytes(flac[: int(len(flac) * 0.6)])  # breaks off after a few windows
+    uris = [*expand_inputs([root, corpus["missing"]]), str(tmp_path / "nan_mid.wav"), str(tmp_path / "cut.flac")]
     with _pipeline() as p:
-        out = p | beam.Create(uris) | beam.ParDo(ReadAndValidate(SR, SR)).with_outputs(DEAD, main="ok")
-        ok = out.ok | "Summ" >> beam.Map(lambda kv: (Path(kv[0]).name, kv[1].shape[0], kv[1].dtype == np.float32))
-        assert_that(ok, equal_to([("a.wav", 60000, True), ("b.wav", 24000, True), ("c.flac", 36000, True)]), label="ok")
-        reasons = out[DEAD] | beam.Map(lambda d: (Path(d["uri"]).name, d["stage"], d["reason"].split(":")[0]))
+        out = p | beam.Create(uris) | beam.ParDo(ReadWindows(SR, SR, block_seconds=0.3)).with_outputs(DEAD, main="ok")
+        windows = out.ok | "Summ" >> beam.Map(lambda w: (Path(w["uri"]).name, w["start"], w["end"], w["wav"].shape[0]))
+        assert_that(windows, equal_to([
+            ("a.wav", 0.0, 1.0, SR), ("a.wav", 1.0, 2.0, SR), ("b.wav", 0.0, 1.0, SR), ("c.flac", 0.0, 1.0, SR),
+            ("nan_mid.wav", 0.0, 1.0, SR), ("nan_mid.wav", 1.0, 2.0, SR), ("nan_mid.wav", 3.0, 4.0, SR),
+            ("cut.flac", 0.0, 1.0, SR), ("cut.flac", 1.0, 2.0, SR), ("cut.flac", 2.0, 3.0, SR),
+        ]), label="ok")
+        reasons = out[DEAD] | beam.Map(lambda d: (Path(d["uri"]).name, d["stage"], d.get("start"), d["reason"]))
         assert_that(reasons, equal_to([
-            ("corrupt.wav", "read", "not an audio file libsndfile can read (Format not recognised)"),
-            ("empty.wav", "read", "empty file (0 bytes)"),
-            ("missing.wav", "read", "file not found"),
-            ("nan.wav", "read", "audio contains non-finite samples (NaN or Inf)"),
-            ("short.wav", "read", "shorter than one window (0.50 s < 1.00 s)"),
+            ("corrupt.wav", "read", None, "not an audio file libsndfile can read (Format not recognised)"),
+            ("empty.wav", "read", None, "empty file (0 bytes)"),
+            ("missing.wav", "read", None, f"file not found: {corpus['missing']}"),
+            ("nan.wav", "read", None, "audio contains non-finite samples (NaN or Inf) in every window"),
+            ("short.wav", "read", None, "shorter than one window (0.50 s < 1.00 s)"),
+            ("nan_mid.wav", "window", 2.0, "non-finite samples (NaN or Inf) in the window at 2.00 s"),
+            ("cut.flac", "read", 3.0,
+             "truncated or corrupt audio (Error : flac decoder lost sync); windows from 3.00 s on are lost"),
         ]), label="dead")
 
 
-def test_crop_windows_gives_full_windows_only():
-    sr = 100  # a low rate keeps the elements small; the windowing arithmetic is the same
-    wav_10s = np.zeros(10 * sr, np.float32)
-    wav_25s = np.arange(25 * sr, dtype=np.float32)
+def test_read_windows_equal_whole_file_crops(corpus):
+    # what the streamed job shards is exactly what decoding the file whole and cropping it gives
+    uri = os.path.join(corpus["root"], "c.flac")  # 16-kHz stereo: downmixed and resampled on the fly
+    whole = load_audio(uri)
     with _pipeline() as p:
-        windows = (
-            p
-            | beam.Create([("/c/ten.wav", wav_10s), ("/c/long.wav", wav_25s)])
-            | beam.ParDo(CropWindows(10 * sr, 10 * sr, sample_rate=sr))
-            | beam.Map(lambda w: (w["uri"], w["key"], w["start"], w["end"], w["wav"].shape[0], float(w["wav"][0])))
-        )
-        assert_that(windows, equal_to([  # a 10.0-s clip gives exactly one window; 25 s give two
-            ("/c/ten.wav", sh.sample_key("/c/ten.wav", 0.0), 0.0, 10.0, 10 * sr, 0.0),
-            ("/c/long.wav", sh.sample_key("/c/long.wav", 0.0), 0.0, 10.0, 10 * sr, 0.0),
-            ("/c/long.wav", sh.sample_key("/c/long.wav", 10.0), 10.0, 20.0, 10 * sr, float(10 * sr)),
-        ]))
+        out = p | beam.Create([uri]) | beam.ParDo(ReadWindows(SR // 2, SR // 4, block_seconds=0.2)).with_outputs(DEAD, main="ok")
+        got = out.ok | beam.Map(lambda w: (int(round(w["start"] * SR)), w["wav"].tobytes()))
+        assert_that(got, equal_to([(start, whole[start : start + SR // 2].tobytes())
+                                   for start in range(0, len(whole) - SR // 2 + 1, SR // 4)]))
 
 
 def test_write_shards_groups_by_key_hash(tmp_path):

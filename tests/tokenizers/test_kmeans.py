@@ -95,3 +95,68 @@ def test_state_dict_round_trip():
     other.load_state_dict(km.state_dict())
     assert bool(other.fitted)
     assert torch.equal(other.assign(x), km.assign(x))
+
+
+def test_reservoir_sample_is_uniform_and_bounded():
+    import numpy as np
+
+    from musiclm.tokenizers.kmeans import reservoir_sample
+
+    data = torch.arange(1000, dtype=torch.float32)[:, None]  # row i holds i
+    batches = [data[i : i + 37] for i in range(0, 1000, 37)]  # uneven batches
+    hits = torch.zeros(1000)
+    for seed in range(100):
+        sample, seen = reservoir_sample(batches, 100, np.random.default_rng(seed))
+        assert seen == 1000 and sample.shape == (100, 1)
+        rows = sample[:, 0].long()
+        assert rows.unique().numel() == 100  # distinct rows of the data, no duplicates
+        hits[rows] += 1
+    # every row is kept with probability 100 / 1000: 10 of 100 draws (mean of 100 rows: sd 0.3); first and
+    # last tenth alike, where a "keep the first rows" or "keep the last rows" bug would give 100 or 0
+    assert abs(hits[:100].mean().item() - 10) < 1.5 and abs(hits[-100:].mean().item() - 10) < 1.5
+    short, seen = reservoir_sample([data[:30]], 100, np.random.default_rng(0))
+    assert seen == 30 and torch.equal(short, data[:30])
+
+
+def test_streaming_fit_agrees_with_full_batch_lloyd():
+    centres, x, _ = blobs(k=6, per=400)
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))]
+    calls = []
+
+    def batches(epoch):
+        calls.append(epoch)
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
+        return (x[order[i : i + 128]] for i in range(0, x.shape[0], 128))  # a one-shot stream per pass
+
+    full = KMeans(6, 8).fit(x, seed=0)
+    stream = KMeans(6, 8)
+    stats = stream.fit_streaming(batches, minibatch_passes=2, lloyd_passes=3, seed=0)
+    assert matched_error(stream.centroids, centres) < 0.02
+    assert len(set(zip(full.assign(x).tolist(), stream.assign(x).tolist()))) == 6  # the same partition
+
+    def exact_inertia(km):  # |x - c|^2 directly: the chunked |x|^2 - 2xc + |c|^2 loses digits for far-off blobs
+        return ((x - km.centroids[km.assign(x)]) ** 2).sum().item()
+
+    assert exact_inertia(stream) == pytest.approx(exact_inertia(full), rel=1e-4)
+    assert stats.inertia == pytest.approx(exact_inertia(stream), rel=1e-2)
+    assert stats.frames == x.shape[0] and stats.empty_clusters == 0
+    # reservoir pass + 2 mini-batch passes + up to 3 Lloyd passes + the inertia pass, each a fresh read
+    assert stats.reads == len(calls) == 1 + 2 + stats.lloyd_passes + 1 and 1 <= stats.lloyd_passes <= 3
+    again = KMeans(6, 8)
+    again.fit_streaming(batches, minibatch_passes=2, lloyd_passes=3, seed=0)
+    assert torch.equal(again.centroids, stream.centroids)  # deterministic for a seed
+
+
+def test_streaming_fit_reseeds_dead_centroids():
+    # 3 tight clusters and 12 centroids: mini-batch k-means leaves centroids that no row picks;
+    # they are moved onto data, so every centroid ends up used
+    _, x, _ = blobs(k=3, per=300, spread=1.0)
+    km = KMeans(12, 8)
+    stats = km.fit_streaming(lambda e: [x[i : i + 100] for i in range(0, x.shape[0], 100)], seed=0)
+    assert stats.empty_clusters == 0
+    assert km.assign(x).unique().numel() == 12
+    tiny = KMeans(64, 8)
+    tiny_stats = tiny.fit_streaming(lambda e: [x[:20]], seed=0)  # fewer rows than centroids
+    assert tiny_stats.frames == 20 and tiny_stats.inertia < 1e-3
+    with pytest.raises(ValueError, match="no data"):
+        KMeans(4, 8).fit_streaming(lambda e: [], seed=0)

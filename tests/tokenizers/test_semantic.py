@@ -1,3 +1,6 @@
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +9,7 @@ from musiclm.checkpoint import CheckpointError
 from musiclm.tokenizers.kmeans import KMeans
 from musiclm.tokenizers.semantic import (
     ContrastiveModule,
+    SelfAttention,
     SemanticTokenizer,
     W2VBert,
     W2VBertConfig,
@@ -15,6 +19,7 @@ from musiclm.tokenizers.semantic import (
     load_kmeans,
     load_semantic_tokenizer,
     load_w2vbert,
+    relative_positions,
     save_w2vbert,
 )
 
@@ -105,13 +110,51 @@ def test_masked_frames_hide_their_content():
     module = ContrastiveModule(cfg).eval()
     x1, x2 = torch.randn(1, 20, cfg.dim), torch.randn(1, 20, cfg.dim)
     everything = torch.ones(1, 20, dtype=torch.bool)
+
+    def run(x, mask=None, seed=0):
+        torch.manual_seed(seed)  # the random vectors that replace masked frames
+        return module(x, mask)
+
     with torch.no_grad():
-        assert torch.allclose(module(x1, everything), module(x2, everything))
-        assert not torch.allclose(module(x1), module(x2))
+        assert torch.allclose(run(x1, everything), run(x2, everything))
+        assert not torch.allclose(run(x1), run(x2))
+        # masked frames are random vectors (w2v-BERT), not one learned vector: other draws, other output
+        assert not torch.allclose(run(x1, everything, seed=0), run(x1, everything, seed=1))
         # unmasked frames keep their content: masking half changes the output
         half = torch.zeros(1, 20, dtype=torch.bool)
         half[:, :10] = True
-        assert not torch.allclose(module(x1, half), module(x1))
+        assert not torch.allclose(run(x1, half), run(x1))
+    learned = ContrastiveModule(dataclasses.replace(cfg, mask_with="learned")).eval()
+    with torch.no_grad():
+        assert torch.allclose(learned(x1, everything), learned(x2, everything))
+
+
+def test_relative_attention_matches_its_definition():
+    # score(i, j) = (q_i + u) . k_j + (q_i + v) . W p(i - j), p a sinusoid of the distance (Transformer-XL)
+    torch.manual_seed(0)
+    T, D, H = 5, 16, 2
+    attn = SelfAttention(D, H, 0.0).eval()
+    with torch.no_grad():
+        attn.pos_bias_u.normal_()
+        attn.pos_bias_v.normal_()
+        x = torch.randn(1, T, D)
+        y = attn(x, relative_positions(T, D, x.device, x.dtype))
+        q, k, v = (t.view(T, H, D // H) for t in attn.qkv(attn.norm(x))[0].chunk(3, dim=-1))  # [T, H, Dh]
+        inv_freq = 10000.0 ** (-torch.arange(0, D, 2) / D)
+
+        def p(d: int) -> torch.Tensor:
+            return torch.stack([(d * inv_freq).sin(), (d * inv_freq).cos()], -1).flatten()  # [D]
+
+        out = torch.zeros(T, H, D // H)
+        for h in range(H):
+            scores = torch.zeros(T, T)
+            for i in range(T):
+                for j in range(T):
+                    wp = attn.pos(p(i - j)).view(H, D // H)[h]
+                    scores[i, j] = (q[i, h] + attn.pos_bias_u[h]) @ k[j, h] + (q[i, h] + attn.pos_bias_v[h]) @ wp
+            out[:, h] = torch.softmax(scores / math.sqrt(D // H), -1) @ v[:, h]
+        expected = attn.out(out.reshape(1, T, D))
+    assert torch.allclose(y, expected, atol=1e-5)
 
 
 def test_semantic_tokenizer_and_artifacts(model, tmp_path):

@@ -77,7 +77,9 @@ def test_train_step_gradients_and_metrics():
     for name, p in [
         ("subsampler", m.subsampler.conv[0].weight),
         ("contrastive", m.contrastive.blocks[0].attn.qkv.weight),
-        ("mask embedding", m.contrastive.mask_embedding),
+        ("input projection", m.contrastive.projection.weight),
+        ("relative positions", m.contrastive.blocks[0].attn.pos.weight),
+        ("position bias", m.mlm.blocks[0].attn.pos_bias_v),
         ("mlm", m.mlm.blocks[-1].ff2.net[1].weight),
         ("mlm head", m.mlm.head.weight),
         ("target projection", m.project_targets.weight),
