@@ -37,7 +37,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
 
     # Beam wrote real shards with manifests; nothing was dead-lettered from the clean corpus
-    for shards in ("audio", "tokens", "heldout-tokens"):
+    for shards in ("audio", "tokens", "heldout-tokens", "heldout-audio"):
         manifest = json.loads((work / "shards" / shards / "manifest.json").read_text())
         assert manifest["shards"], shards
     assert results["tokenize"]["files_ok"] == 8 and results["tokenize"]["files_dead"] == 0
@@ -53,7 +53,12 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     # the report carries every learning measurement, with its baseline
     learning = results["learning"]
     assert {"trained_mel_distance", "untrained_mel_distance"} <= set(learning["codec"])
-    assert learning["mulan"]["chance_r1"] == pytest.approx(1 / 4)
+    mulan = learning["mulan_eval"]  # `musiclm eval mulan` on the 4 held-out clips (distinct captions)
+    assert mulan["clips"] == 4 and mulan["text_to_audio"]["chance_r1"] == pytest.approx(1 / 4)
+    assert mulan["tagging"]["aspects_evaluated"] > 0
+    codec = learning["codec_eval"]  # `musiclm eval codec`: the full-rate row against Opus where ffmpeg has it
+    assert codec["rows"][-1]["levels"] == 12 and codec["rows"][-1]["kbps"] == pytest.approx(6.0)
+    assert (work / "eval" / "codec_spectrograms.png").is_file() and (work / "eval" / "mulan_eval.md").is_file()
     for stage in ("semantic", "coarse", "fine"):
         assert learning[stage]["heldout_tokens"] > 0
         assert learning[stage]["cross_entropy"] > 0
