@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_codec.py --steps 400 --variants ema factorized
     .venv/bin/python benchmarks/bench_codec.py --steps 150 --variants ema --set commitment_weight=10
+    .venv/bin/python benchmarks/bench_codec.py --variants factorized --set lr=0.002 batch_size=4 wave_weight=0.0 adversarial_start=250  # the old tiny
 
 Each variant trains a fresh ``SoundStreamLearner("tiny")`` (options as the runner would pass them) on
 crops of demo-corpus clips, the demo's 400 steps by default, then encodes -> decodes 4 s of held-out
