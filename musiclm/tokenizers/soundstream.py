@@ -328,6 +328,8 @@ class SoundStream(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """``codes[B, K', F] -> wav[B, F * 480]``; ``K' < K`` decodes the first ``K'`` levels only."""
+        if codes.ndim == 3 and codes.shape[-1] == 0:
+            raise ValueError("SoundStream.decode got codes of 0 frames: nothing to decode")
         return self._decode(codes)
 
     def _decode(self, codes: Tensor, cache: StreamCache | None = None) -> Tensor:

@@ -204,3 +204,9 @@ def test_fewer_levels_encode_and_decode(tiny):
         tiny.encode(wav, num_quantizers=13)
     with pytest.raises(ValueError):
         tiny.decode(codes[:, :0])
+
+
+def test_decoding_zero_frames_is_a_clear_error():
+    model = SoundStream(SoundStreamConfig.preset("tiny")).eval()
+    with pytest.raises(ValueError, match="0 frames"):
+        model.decode(torch.zeros(1, 12, 0, dtype=torch.long))
