@@ -381,7 +381,7 @@ class WriteDeadLetters(beam.PTransform):
 # ----------------------------------------------------------------------------- running and stats
 
 
-def _metric_totals(result: Any) -> dict[str, int]:
+def metric_totals(result: Any) -> dict[str, int]:
     """Our Beam counters summed over steps (empty where a runner does not report them)."""
     totals: dict[str, int] = {}
     try:
@@ -436,7 +436,7 @@ def run_job(
         "wall_seconds": round(wall, 3),
         "audio_seconds_per_second": round(audio_seconds / wall, 3) if wall > 0 else None,
         "files_per_second": round(len(uris) / wall, 3) if wall > 0 else None,
-        "metrics": _metric_totals(result),
+        "metrics": metric_totals(result),
     }
     sh.write_stats(out_dir, stats)
     return stats

@@ -38,7 +38,6 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 
 from musiclm.constants import SAMPLE_RATE, SEMANTIC_HOP
 from musiclm.data import shards as sh
@@ -51,6 +50,7 @@ from musiclm.pipelines.prepare_audio import (
     SkipFinishedShards,
     WriteDeadLetters,
     expand_inputs,
+    metric_totals,
 )
 from musiclm.pipelines.progress import ProgressMonitor, record_progress
 
@@ -552,22 +552,10 @@ def run_sample_features(
         "wall_seconds": round(wall, 3),
         "frames_per_second": round(manifest["num_frames"] / wall, 1) if wall > 0 else None,
         "feature_model": plan["feature_model"],
-        "metrics": _metric_totals(result),
+        "metrics": metric_totals(result),
     }
     sh.write_stats(out_dir, stats)
     return stats
-
-
-def _metric_totals(result: Any) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    try:
-        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    except Exception:  # some runners offer no metrics API
-        return totals
-    for counter in counters:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
 
 
 # ----------------------------------------------------------------------------- reading the sample back
