@@ -272,6 +272,25 @@ class _WriteDeadLetters(beam.DoFn):
 PLAN_FILE = "plan.json"
 
 
+def record_plan(out_dir: str, plan: dict[str, Any]) -> bool:
+    """Write ``plan`` to ``out_dir/plan.json`` (before the job runs, so that a killed job leaves it for its
+    rerun) and say whether the previous run there had the same plan: only then may its outputs be kept."""
+    import json
+
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    plan_path = sh.join_url(root, PLAN_FILE)
+    previous = None
+    if fs.exists(plan_path):
+        try:
+            with fs.open(plan_path, "rb") as f:
+                previous = json.loads(f.read())
+        except ValueError:
+            previous = None
+    fs.makedirs(root, exist_ok=True)
+    sh.write_bytes_atomic(sh.join_url(out_dir, PLAN_FILE), json.dumps(plan, indent=2, sort_keys=True).encode())
+    return previous == plan
+
+
 def finished_shards(out_dir: str, prefix: str, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Shards a previous run of the *same* job (same inputs, windows, shard count, tokenizers) already wrote.
 
@@ -281,21 +300,10 @@ def finished_shards(out_dir: str, prefix: str, plan: dict[str, Any]) -> dict[int
     """
     import hashlib
     import io
-    import json
     import tarfile
 
     fs, root = fsspec.core.url_to_fs(out_dir)
-    plan_path = sh.join_url(root, PLAN_FILE)
-    previous = None
-    if fs.exists(plan_path):
-        with fs.open(plan_path, "rb") as f:
-            try:
-                previous = json.loads(f.read())
-            except ValueError:
-                previous = None
-    fs.makedirs(root, exist_ok=True)
-    sh.write_bytes_atomic(sh.join_url(out_dir, PLAN_FILE), json.dumps(plan, indent=2, sort_keys=True).encode())
-    if previous != plan:
+    if not record_plan(out_dir, plan):
         return {}
     done: dict[int, dict[str, Any]] = {}
     for index in range(plan["num_shards"]):

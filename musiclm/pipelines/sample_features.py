@@ -45,12 +45,12 @@ from musiclm.pipelines.options import build_pipeline_options, is_local_runner
 from musiclm.pipelines.prepare_audio import (
     DEAD,
     NAMESPACE,
-    PLAN_FILE,
     ReadWindows,
     SkipFinishedShards,
     WriteDeadLetters,
     expand_inputs,
     metric_totals,
+    record_plan,
 )
 from musiclm.pipelines.progress import ProgressMonitor, record_progress
 
@@ -403,17 +403,7 @@ def finished_chunks(out_dir: str, plan: dict[str, Any]) -> dict[int, dict[str, A
     """Chunks a previous run of the *same* plan wrote (complete files only: they appear by rename).
     Records ``plan`` first, so that a killed run leaves it for its rerun; another plan finishes nothing."""
     fs, root = fsspec.core.url_to_fs(out_dir)
-    plan_path = sh.join_url(root, PLAN_FILE)
-    previous = None
-    if fs.exists(plan_path):
-        try:
-            with fs.open(plan_path, "rb") as f:
-                previous = json.loads(f.read())
-        except ValueError:
-            previous = None
-    fs.makedirs(root, exist_ok=True)
-    sh.write_bytes_atomic(sh.join_url(out_dir, PLAN_FILE), json.dumps(plan, indent=2, sort_keys=True).encode())
-    if previous != plan:
+    if not record_plan(out_dir, plan):
         return {}
     done: dict[int, dict[str, Any]] = {}
     for index in range(plan["num_chunks"]):
