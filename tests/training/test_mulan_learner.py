@@ -1,5 +1,9 @@
 import io
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +193,7 @@ def _toy_loss_and_grads(x, y, captions, rank_rows=None):
 
 
 def _two_worker_checks(rank: int, world: int, rendezvous: str, bert: str) -> None:
-    """Runs in each of 2 gloo processes (torch.multiprocessing.spawn); any failed assert fails the test."""
+    """Runs in each of 2 gloo processes (fresh interpreters); any failed assert fails the test."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -229,11 +233,27 @@ def _two_worker_checks(rank: int, world: int, rendezvous: str, bert: str) -> Non
 def test_gathered_loss_is_the_global_batch_loss(tmp_path, tiny_bert):
     """Two gloo processes: the gathered loss and the DDP-averaged gradients equal those of one
     process on the concatenated batch; the learner contrasts the global batch under DDP."""
-    import torch.multiprocessing as mp
-
-    # fork: the children inherit the imported modules (a spawned child re-imports torch: seconds)
-    mp.start_processes(_two_worker_checks, args=(2, str(tmp_path / "rendezvous"), tiny_bert), nprocs=2,
-                       start_method="fork")
+    # Fresh interpreters, not forked children: a fork of this process inherits Ray's and gRPC's
+    # threads once another test has started Ray, and such a child can deadlock or crash.
+    root = Path(__file__).resolve().parents[2]
+    rendezvous = tmp_path / "rendezvous"
+    code = "import sys; from tests.training.test_mulan_learner import _two_worker_checks as run; " \
+           "run(int(sys.argv[1]), 2, sys.argv[2], sys.argv[3])"
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(rendezvous), tiny_bert], cwd=root,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
+    deadline = time.monotonic() + 300
+    try:  # a rank that fails leaves the other waiting in a collective: stop at the first failure
+        while any(w.poll() is None for w in workers) and not any(w.returncode for w in workers):
+            assert time.monotonic() < deadline, "the two gloo processes did not finish in 300 s"
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    failed = [f"rank {rank} exited with {w.returncode}:\n{log.read_text()[-3000:]}"
+              for rank, (w, log) in enumerate(zip(workers, logs)) if w.returncode]
+    assert not failed, "\n".join(failed)
 
 
 def test_single_process_gather_is_the_identity():
