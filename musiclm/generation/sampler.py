@@ -3,10 +3,17 @@
 Each generated position may be restricted to an id range: the semantic stage samples among the
 1024 semantic ids, an acoustic stage at generated position i among the 1024 ids of RVQ level
 ``i % levels``. Restricting is a slice of the logits, so it costs nothing per step.
+
+On the restricted logits, in this order: classifier-free guidance (``u + s * (c - u)``, the
+unconditional logits ``u`` from a second copy of the batch whose prefix has NULL conditioning, run
+in the same forward pass), temperature, top-k, then top-p (nucleus). With one ``torch.Generator``
+per row, row i draws only from its own generator, so a request's tokens do not depend on which
+other requests share its batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,15 +40,62 @@ def _ranges(allowed_range: Ranges, num_new: int, num_outputs: int) -> list[tuple
     return ranges
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _check_options(
+    batch: int, top_k: int | None, top_p: float | None, generator: Generators, guidance_scale: float,
+    prefix: torch.Tensor, uncond_prefix: torch.Tensor | None,
+) -> bool:
+    """Validate the sampling options; True when guidance runs (a scale other than 1)."""
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if isinstance(generator, Sequence) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch} rows (give one per row, or one)")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if guidance_scale == 1.0:
+        return False  # u + 1 * (c - u) is c: no second branch to run
+    if uncond_prefix is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs uncond_prefix (the prefix with NULL conditioning)")
+    if tuple(uncond_prefix.shape) != tuple(prefix.shape):
+        raise ValueError(f"uncond_prefix has shape {tuple(uncond_prefix.shape)}, the prefix {tuple(prefix.shape)}")
+    return True
+
+
+def _guide(logits: torch.Tensor, batch: int, guidance_scale: float | None) -> torch.Tensor:
+    """[2B, n] (conditioned rows, then unconditional rows) -> u + s * (c - u) [B, n]; [B, n] passes through."""
+    if guidance_scale is None:
+        return logits
+    c, u = logits[:batch].float(), logits[batch:].float()
+    return u + guidance_scale * (c - u)
+
+
+def _pick(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: Generators,
+    top_p: float | None = None,
+) -> torch.Tensor:
     """Sample one id per row from logits [B, n] (already restricted); temperature 0 is greedy. -> [B]."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # nucleus: the most probable ids whose mass reaches top_p (the first id always stays)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, n]
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more probable ids
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if isinstance(generator, Sequence):  # row i draws from generators[i] only
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -62,28 +116,39 @@ def sample(
     num_new: int,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     allowed_range: Ranges = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    guidance_scale: float = 1.0,
+    uncond_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prefix`` [B, L0] by ``num_new`` tokens with the KV cache -> tokens [B, num_new].
 
     ``allowed_range``: one (lo, hi) for every position, or one per position ([num_new, 2]).
+    ``top_p``: nucleus sampling after temperature and top-k. ``generator``: None, one generator, or a
+    list of B (row i's draws use only ``generator[i]``). ``guidance_scale`` != 1: classifier-free
+    guidance against ``uncond_prefix`` ([B, L0], e.g. ``VocabLayout.unconditional(prefix)``): the 2B
+    rows run as one batch and both copies of a row are fed the token drawn from the mixed logits.
     """
     _check(model, prefix, num_new)
     B, L0 = prefix.shape
+    guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
     ranges = _ranges(allowed_range, num_new, model.config.num_outputs)
     out = torch.empty(B, num_new, dtype=torch.long, device=prefix.device)
     if num_new == 0:
         return out
+    rows = torch.cat([prefix, uncond_prefix.to(prefix.device)]) if guided else prefix  # [B or 2B, L0]
+    scale = guidance_scale if guided else None
     was_training = model.training
     model.eval()
     try:
-        model.setup_cache(B, L0 + num_new)
-        logits = model.prefill(prefix)  # [B, V_out]
+        model.setup_cache(rows.shape[0], L0 + num_new)
+        logits = model.prefill(rows)  # [B or 2B, V_out]
         for i, (lo, hi) in enumerate(ranges):
-            out[:, i] = _pick(logits[:, lo:hi], temperature, top_k, generator) + lo
+            out[:, i] = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p) + lo
             if i + 1 < num_new:
-                logits = model.decode_one_token(out[:, i : i + 1], L0 + i)
+                token = out[:, i : i + 1]  # [B, 1]
+                logits = model.decode_one_token(torch.cat([token, token]) if guided else token, L0 + i)
     finally:
         model.clear_cache()
         model.train(was_training)
@@ -97,21 +162,28 @@ def sample_without_cache(
     num_new: int,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     allowed_range: Ranges = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    guidance_scale: float = 1.0,
+    uncond_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same distribution as ``sample``, recomputing the whole sequence each step (reference, benchmark)."""
     _check(model, prefix, num_new)
     B, L0 = prefix.shape
+    guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
     ranges = _ranges(allowed_range, num_new, model.config.num_outputs)
-    seq = torch.empty(B, L0 + num_new, dtype=torch.long, device=prefix.device)
-    seq[:, :L0] = prefix
+    rows = torch.cat([prefix, uncond_prefix.to(prefix.device)]) if guided else prefix  # [B or 2B, L0]
+    seq = torch.empty(rows.shape[0], L0 + num_new, dtype=torch.long, device=prefix.device)
+    seq[:, :L0] = rows
+    scale = guidance_scale if guided else None
     was_training = model.training
     model.eval()
     try:
         for i, (lo, hi) in enumerate(ranges):
-            logits = model(seq[:, : L0 + i])[:, -1]  # [B, V_out]
-            seq[:, L0 + i] = _pick(logits[:, lo:hi], temperature, top_k, generator) + lo
+            logits = model(seq[:, : L0 + i])[:, -1]  # [B or 2B, V_out]
+            token = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p) + lo  # [B]
+            seq[:, L0 + i] = torch.cat([token, token]) if guided else token
     finally:
         model.train(was_training)
-    return seq[:, L0:]
+    return seq[:B, L0:]

@@ -11,10 +11,18 @@ from the stage's :class:`~musiclm.tokenizers.backends.TokenRates`, so EnCodec's 
 (coarse 0..3, fine 4..7, three acoustic frames per 40-ms semantic frame) lay out the same way.
 
 Each stage has one vocabulary made of blocks, one per codebook (one per conditioning level, one for
-semantic codes, one per RVQ level), each as large as its codebook, plus SEP and PAD. The blocks the
+semantic codes, one per RVQ level), each as large as its codebook, plus SEP, PAD and NULL. The blocks the
 stage *generates* come first, so the output head only spans ``[0, num_outputs)`` and logit j is token
 id j; generated position i of an acoustic stage is level ``first_level + i % levels`` and may only
 take the ids of that level's block.
+
+Conditioning (issue 4). The prefix starts with the *condition*: ``[M (Qm)][melody (n x Qmel, frame-major)]``,
+the melody part only in a stage with ``melody_codebooks > 0`` (appendix C: melody tokens concatenated with
+M), ``n = melody_frame_count(crop_seconds)`` embeddings of 4 s with a 3-s hop (10 s -> 3, 30 s -> 9).
+Melody blocks (one per melody RVQ level, ``melody_codebook_size`` ids) come after all other codebook
+blocks, so the layout of a stage without melody is unchanged. Replacing every condition token by NULL
+gives the *unconditional* prefix: training drops M and the melody independently with probability
+``conditioning_dropout``, so one model learns p(x | c) and p(x), and classifier-free guidance mixes them.
 """
 
 from __future__ import annotations
@@ -26,7 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from musiclm.constants import SAMPLING_TEMPERATURES
+from musiclm.constants import (
+    MELODY_CODEBOOK_SIZE,
+    MELODY_HOP_SECONDS,
+    MELODY_WINDOW_SECONDS,
+    SAMPLING_TEMPERATURES,
+)
 from musiclm.models.transformer import TransformerConfig
 from musiclm.tokenizers.backends import TokenRates
 
@@ -42,6 +55,27 @@ CROP_SECONDS = {"paper": {"semantic": 30.0, "coarse": 10.0, "fine": 3.0}, "tiny"
 def _check_stage(stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGES)}")
+
+
+def melody_frame_count(seconds: float) -> int:
+    """Melody embeddings of ``seconds`` of audio: 4-s windows with a 3-s hop, at least one (10 s -> 3, 30 s -> 9)."""
+    return max(1, math.floor((seconds - MELODY_WINDOW_SECONDS) / MELODY_HOP_SECONDS + 1e-9) + 1)
+
+
+def melody_slice(melody, start_seconds: float, n: int):
+    """The ``n`` melody frames [..., n, Q] of a window starting at ``start_seconds`` in melody [..., Fm, Q].
+
+    Frame j covers [3j, 3j + 4) s; the window's first frame is ``round(start / 3)``, clamped so that the
+    window stays inside the melody; a melody shorter than ``n`` frames is repeated (tiled). numpy or torch.
+    """
+    if melody.ndim < 2 or melody.shape[-2] == 0:
+        raise ValueError(f"melody must be [..., Fm >= 1, Q], got shape {tuple(melody.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    total = melody.shape[-2]
+    start = min(max(0, int(round(start_seconds / MELODY_HOP_SECONDS))), max(0, total - n))
+    index = [(start + j) % total for j in range(n)]
+    return melody[..., index, :]
 
 
 def as_rates(rates: TokenRates | dict[str, Any] | None) -> TokenRates:
@@ -74,13 +108,29 @@ class VocabLayout:
     acoustic_offsets: tuple[int | None, ...]  # per RVQ level, None when unused by the stage
     sep: int
     pad: int
+    null: int  # replaces every condition token in the unconditional prefix (classifier-free guidance)
     vocab_size: int
     num_outputs: int  # ids [0, num_outputs) are the generated blocks (the output head)
     rates: TokenRates = PAPER_RATES
+    melody_offset: int | None = None  # melody level q at melody_offset + q * melody_codebook_size
+    melody_codebooks: int = 0  # 0: no melody in the prefix
+    melody_codebook_size: int = MELODY_CODEBOOK_SIZE
+    melody_frames: int = 0  # melody embeddings in the prefix (0 without melody)
 
     @staticmethod
-    def for_stage(stage: str, rates: TokenRates | dict[str, Any] | None = None) -> VocabLayout:
+    def for_stage(
+        stage: str,
+        rates: TokenRates | dict[str, Any] | None = None,
+        melody_codebooks: int = 0,
+        melody_codebook_size: int = MELODY_CODEBOOK_SIZE,
+        melody_frames: int = 1,
+    ) -> VocabLayout:
+        """The layout of ``stage`` at ``rates``; with ``melody_codebooks > 0`` the prefix also holds
+        ``melody_frames`` melody embeddings of ``melody_codebooks`` tokens each."""
         _check_stage(stage)
+        _check_melody(melody_codebooks, melody_codebook_size)
+        if melody_codebooks and melody_frames < 1:
+            raise ValueError(f"melody_frames must be >= 1, got {melody_frames}")
         r = as_rates(rates)
         a_size, s_size = r.acoustic_codebook_size, r.semantic_codebook_size
         m_span = r.conditioning_codebooks * r.conditioning_codebook_size  # all conditioning blocks
@@ -108,7 +158,24 @@ class VocabLayout:
             mulan = outputs + r.coarse_levels * a_size
             semantic = None
             end = mulan + m_span
-        return VocabLayout(stage, levels, mulan, semantic, tuple(acoustic), end, end + 1, end + 2, outputs, r)
+        melody = end if melody_codebooks else None  # after every other block: a melody-free layout is unchanged
+        end += melody_codebooks * melody_codebook_size
+        return VocabLayout(
+            stage=stage, generated_levels=levels, mulan_offset=mulan, semantic_offset=semantic,
+            acoustic_offsets=tuple(acoustic), sep=end, pad=end + 1, null=end + 2, vocab_size=end + 3,
+            num_outputs=outputs, rates=r, melody_offset=melody, melody_codebooks=melody_codebooks,
+            melody_codebook_size=melody_codebook_size, melody_frames=melody_frames if melody_codebooks else 0,
+        )
+
+    @property
+    def melody_len(self) -> int:
+        """Melody tokens in the prefix: ``melody_frames x melody_codebooks`` (0 without melody)."""
+        return self.melody_frames * self.melody_codebooks
+
+    @property
+    def cond_len(self) -> int:
+        """Condition tokens at the start of every sequence: M, then the melody."""
+        return self.rates.conditioning_codebooks + self.melody_len
 
     @property
     def levels_per_frame(self) -> int:
@@ -132,6 +199,61 @@ class VocabLayout:
         """Conditioning tokens [..., Qm] -> ids [..., Qm] (level q offset by q * its codebook size)."""
         size = self.rates.conditioning_codebook_size
         return mulan + _like(mulan, [self.mulan_offset + q * size for q in range(self.rates.conditioning_codebooks)])
+
+    def melody_ids(self, melody):
+        """Melody tokens [..., n, Qmel] -> ids flattened frame-major [..., n * Qmel]."""
+        if not self.melody_codebooks:
+            raise ValueError(f"this {self.stage} stage has no melody conditioning (melody_codebooks=0)")
+        offsets = [self.melody_offset + q * self.melody_codebook_size for q in range(self.melody_codebooks)]
+        ids = melody + _like(melody, offsets)
+        return ids.reshape(*ids.shape[:-2], -1)  # [..., n, Q] -> [..., n * Q]
+
+    def condition_ids(self, mulan=None, melody=None):
+        """The condition prefix ``[M][melody]`` -> ids [..., cond_len] (numpy or torch, like ``mulan_ids``).
+
+        ``mulan`` [..., Qm] and ``melody`` [..., melody_frames, Qmel] are codes; either may be None,
+        which gives NULL ids in its place (both None: a 1-D numpy array of NULL ids, to broadcast). A
+        stage without melody takes ``melody=None`` only.
+        """
+        r = self.rates
+        if mulan is not None and not isinstance(mulan, torch.Tensor):
+            mulan = torch.as_tensor(mulan, device=melody.device) if isinstance(melody, torch.Tensor) else np.asarray(mulan)
+        if melody is not None and not isinstance(melody, torch.Tensor):
+            melody = torch.as_tensor(melody, device=mulan.device) if isinstance(mulan, torch.Tensor) else np.asarray(melody)
+        if melody is not None and not self.melody_codebooks:
+            raise ValueError(f"this {self.stage} stage has no melody conditioning (melody_codebooks=0)")
+        if mulan is not None:
+            _check_code_array(mulan, "mulan", (r.conditioning_codebooks,), r.conditioning_codebook_size)
+        if melody is not None:
+            _check_code_array(melody, "melody", (self.melody_frames, self.melody_codebooks), self.melody_codebook_size)
+        if mulan is not None and melody is not None and tuple(mulan.shape[:-1]) != tuple(melody.shape[:-2]):
+            raise ValueError(f"mulan {tuple(mulan.shape)} and melody {tuple(melody.shape)} have different batch shapes")
+        template = mulan if mulan is not None else melody
+        batch = () if template is None else tuple(template.shape[: template.ndim - (1 if mulan is not None else 2)])
+        parts = [self.mulan_ids(mulan) if mulan is not None else self._nulls(template, batch, r.conditioning_codebooks)]
+        if self.melody_codebooks:
+            parts.append(self.melody_ids(melody) if melody is not None else self._nulls(template, batch, self.melody_len))
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat([p.to(torch.long) for p in parts], dim=-1)
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts], axis=-1)
+
+    def _nulls(self, like, batch: tuple[int, ...], n: int):
+        if isinstance(like, torch.Tensor):
+            return torch.full((*batch, n), self.null, dtype=torch.long, device=like.device)
+        return np.full((*batch, n), self.null, dtype=np.int64)
+
+    def unconditional(self, ids, mulan: bool = True, melody: bool = True):
+        """A copy of sequences ``ids`` [..., L] (L >= cond_len) with the condition (M and/or melody) set to NULL:
+        ``unconditional(prefix)`` is the prefix of classifier-free guidance's unconditional branch."""
+        if ids.shape[-1] < self.cond_len:
+            raise ValueError(f"sequences of {ids.shape[-1]} tokens are shorter than the {self.cond_len}-token condition")
+        out = ids.clone() if isinstance(ids, torch.Tensor) else np.array(ids, dtype=np.int64, copy=True)
+        qm = self.rates.conditioning_codebooks
+        if mulan:
+            out[..., :qm] = self.null
+        if melody:
+            out[..., qm : self.cond_len] = self.null
+        return out
 
     def semantic_ids(self, semantic):
         if self.semantic_offset is None:
@@ -162,13 +284,41 @@ def _like(x, values: list[int]):
     return np.asarray(values, dtype=np.int64)
 
 
-def sequence_lengths(stage: str, seconds: float, rates: TokenRates | dict[str, Any] | None = None) -> tuple[int, int]:
-    """(prefix length, generated length) of a stage's sequence covering ``seconds`` of audio."""
+def _check_melody(codebooks: int, size: int) -> None:
+    if not isinstance(codebooks, int) or codebooks < 0:
+        raise ValueError(f"melody_codebooks must be an int >= 0 (0: no melody), got {codebooks!r}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"melody_codebook_size must be an int >= 1, got {size!r}")
+
+
+def _check_code_array(x, name: str, last: tuple[int, ...], size: int) -> None:
+    """Codes [..., *last] in [0, size), numpy or torch; a ValueError naming ``name`` otherwise."""
+    if x.ndim < len(last) or tuple(x.shape[x.ndim - len(last) :]) != last:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [..., {', '.join(map(str, last))}]")
+    if x.numel() if isinstance(x, torch.Tensor) else x.size:
+        if int(x.min()) < 0 or int(x.max()) >= size:
+            raise ValueError(f"{name} has codes outside [0, {size})")
+
+
+def sequence_lengths(
+    stage: str,
+    seconds: float,
+    rates: TokenRates | dict[str, Any] | None = None,
+    melody_codebooks: int = 0,
+    melody_frames: int | None = None,
+) -> tuple[int, int]:
+    """(prefix length, generated length) of a stage's sequence covering ``seconds`` of audio.
+
+    With ``melody_codebooks > 0`` the prefix holds ``melody_frames`` (default ``melody_frame_count(seconds)``)
+    melody embeddings of that many tokens after M.
+    """
     _check_stage(stage)
     r = as_rates(rates)
     sem = int(round(seconds * r.semantic_frame_rate))
     ac = sem * r.frames_per_semantic
-    cond = r.conditioning_codebooks
+    if melody_frames is None:
+        melody_frames = melody_frame_count(seconds)
+    cond = r.conditioning_codebooks + (melody_codebooks * melody_frames if melody_codebooks else 0)
     if stage == "semantic":
         return cond, sem
     if stage == "coarse":
@@ -176,28 +326,34 @@ def sequence_lengths(stage: str, seconds: float, rates: TokenRates | dict[str, A
     return cond + ac * r.coarse_levels + 1, ac * (r.acoustic_codebooks - r.coarse_levels)
 
 
-def max_seq_len_for(stage: str, crop_seconds: float, rates: TokenRates | dict[str, Any] | None = None) -> int:
-    """Cache/bias length for a stage: its crop's sequence rounded up to a multiple of 256.
+def max_seq_len_for(
+    stage: str, crop_seconds: float, rates: TokenRates | dict[str, Any] | None = None, melody_codebooks: int = 0
+) -> int:
+    """Cache/bias length for a stage: its crop's sequence (melody prefix included) rounded up to a multiple of 256.
 
     Generation never exceeds one crop (semantic slides by half a crop; acoustic stages use crop windows).
     """
-    prefix, generated = sequence_lengths(stage, crop_seconds, rates)
+    prefix, generated = sequence_lengths(stage, crop_seconds, rates, melody_codebooks)
     return int(math.ceil((prefix + generated) / 256) * 256)
 
 
 @dataclass
 class StageConfig:
-    """One stage: its Transformer, its training crop, its sampling temperature and the token rates it
-    models (paper defaults; a config saved before rates were recorded loads with the paper's)."""
+    """One stage: its Transformer, its training crop, its sampling temperature, the token rates it
+    models (paper defaults; a config saved before rates were recorded loads with the paper's) and its
+    melody conditioning (``melody_codebooks`` = 0: none)."""
 
     stage: str = "semantic"
     crop_seconds: float = 30.0
     temperature: float = SAMPLING_TEMPERATURES["semantic"]
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     rates: TokenRates = field(default_factory=TokenRates)
+    melody_codebooks: int = 0
+    melody_codebook_size: int = MELODY_CODEBOOK_SIZE
 
     def __post_init__(self) -> None:
         _check_stage(self.stage)
+        _check_melody(self.melody_codebooks, self.melody_codebook_size)
         self.rates = as_rates(self.rates)  # a dict when rebuilt from config.json
         layout = self.layout
         if self.transformer.vocab_size != layout.vocab_size or self.transformer.num_outputs != layout.num_outputs:
@@ -205,13 +361,20 @@ class StageConfig:
                 f"{self.stage} stage needs vocab_size={layout.vocab_size}, output_size={layout.num_outputs} "
                 f"for its token rates; got {self.transformer.vocab_size}, {self.transformer.output_size}"
             )
-        needed = sum(sequence_lengths(self.stage, self.crop_seconds, self.rates))
+        needed = sum(sequence_lengths(self.stage, self.crop_seconds, self.rates, self.melody_codebooks))
         if self.transformer.max_seq_len < needed:
             raise ValueError(f"max_seq_len {self.transformer.max_seq_len} < {needed} tokens of a {self.crop_seconds}-s crop")
 
     @property
     def layout(self) -> VocabLayout:
-        return VocabLayout.for_stage(self.stage, self.rates)
+        return VocabLayout.for_stage(
+            self.stage, self.rates, self.melody_codebooks, self.melody_codebook_size, self.melody_frames
+        )
+
+    @property
+    def melody_frames(self) -> int:
+        """Melody embeddings in one crop's prefix (when the stage has melody): ``melody_frame_count(crop_seconds)``."""
+        return melody_frame_count(self.crop_seconds)
 
     @property
     def crop_frames(self) -> int:
@@ -219,28 +382,37 @@ class StageConfig:
         return int(round(self.crop_seconds * self.rates.semantic_frame_rate))
 
     @classmethod
-    def preset(cls, stage: str, name: str, rates: TokenRates | dict[str, Any] | None = None) -> StageConfig:
+    def preset(
+        cls,
+        stage: str,
+        name: str,
+        rates: TokenRates | dict[str, Any] | None = None,
+        melody_codebooks: int = 0,
+        melody_codebook_size: int = MELODY_CODEBOOK_SIZE,
+    ) -> StageConfig:
         """``tiny``: dim 256, 4 layers, 4 heads, FF 1024 (GELU), crops 10/2/1 s (short acoustic crops: more steps in the CPU demo's minutes); ``paper``: 24 x 1024, 16 heads, GEGLU 4096, 30/10/3 s.
 
-        ``rates`` (default: the paper's) set the vocabulary and sequence lengths, e.g. EnCodec's 75 Hz x 8.
+        ``rates`` (default: the paper's) set the vocabulary and sequence lengths, e.g. EnCodec's 75 Hz x 8;
+        ``melody_codebooks`` > 0 adds melody tokens (of the melody tokenizer's RVQ) to the prefix.
         """
         _check_stage(stage)
         if name not in PRESETS:
             raise ValueError(f"unknown preset '{name}': valid presets are {', '.join(PRESETS)}")
+        _check_melody(melody_codebooks, melody_codebook_size)
         rates = as_rates(rates)
         crop = CROP_SECONDS[name][stage]
-        layout = VocabLayout.for_stage(stage, rates)
+        layout = VocabLayout.for_stage(stage, rates, melody_codebooks, melody_codebook_size, melody_frame_count(crop))
         # tiny trades the paper's gated FF and attention-probability dropout for ~25% faster CPU steps
         sizes = dict(dim=256, n_layers=4, n_heads=4, ff_dim=1024, gated_ff=False, attn_dropout=0.0) if name == "tiny" else {}
         transformer = TransformerConfig(
             vocab_size=layout.vocab_size,
             output_size=layout.num_outputs,
-            max_seq_len=max_seq_len_for(stage, crop, rates),
+            max_seq_len=max_seq_len_for(stage, crop, rates, melody_codebooks),
             dropout=0.1,
             **sizes,
         )
         return cls(stage=stage, crop_seconds=crop, temperature=SAMPLING_TEMPERATURES[stage], transformer=transformer,
-                   rates=rates)
+                   rates=rates, melody_codebooks=melody_codebooks, melody_codebook_size=melody_codebook_size)
 
 
 def _as_codes(x, name: str, shape_rank: int, size: int, last: int | None = None) -> np.ndarray:
@@ -256,15 +428,33 @@ def _as_codes(x, name: str, shape_rank: int, size: int, last: int | None = None)
     return a
 
 
+def drop_conditioning(
+    tokens: np.ndarray, layout: VocabLayout, rng: np.random.Generator, conditioning_dropout: float
+) -> np.ndarray:
+    """Classifier-free guidance's training half: with probability ``conditioning_dropout`` set M to NULL
+    and, independently, the melody (a stage with melody). ``tokens`` [L] starts with the condition; changed
+    in place and returned. Draws nothing from ``rng`` when the probability is 0 (crops stay reproducible)."""
+    if not 0.0 <= conditioning_dropout <= 1.0:
+        raise ValueError(f"conditioning_dropout must be in [0, 1], got {conditioning_dropout}")
+    if conditioning_dropout > 0:
+        drop_m = rng.random() < conditioning_dropout
+        drop_melody = bool(layout.melody_codebooks) and rng.random() < conditioning_dropout
+        if drop_m or drop_melody:
+            tokens[:] = layout.unconditional(tokens, mulan=drop_m, melody=drop_melody)
+    return tokens
+
+
 def build_training_example(
-    sample: dict, stage: str, config: StageConfig, rng: np.random.Generator
+    sample: dict, stage: str, config: StageConfig, rng: np.random.Generator, conditioning_dropout: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A random ``crop_seconds`` crop of a token-shard sample laid out for ``stage`` (at ``config.rates``).
 
     The crop starts on a 40-ms boundary (one semantic frame = ``frames_per_semantic`` acoustic frames:
     2 for SoundStream, 3 for EnCodec) so that the semantic and acoustic tokens describe the same audio;
-    shorter samples are used whole. Returns (tokens int64 [L], loss_mask bool [L]) with the loss only on
-    the generated tokens.
+    shorter samples are used whole. A stage with melody takes ``sample["melody"]`` (int [Fm, Qmel], frames
+    3 s apart from the sample's start) sliced at the crop's start (``melody_slice``); a sample without
+    melody gets NULL melody ids. ``conditioning_dropout``: see ``drop_conditioning``. Returns (tokens int64
+    [L], loss_mask bool [L]) with the loss only on the generated tokens.
     """
     _check_stage(stage)
     if config.stage != stage:
@@ -282,7 +472,11 @@ def build_training_example(
         raise ValueError("sample has no complete 40-ms frame")
     n = min(config.crop_frames, frames)
     start = int(rng.integers(0, frames - n + 1))
-    prefix = [layout.mulan_ids(mulan)]
+    melody = None
+    if config.melody_codebooks and sample.get("melody") is not None and np.asarray(sample["melody"]).size:
+        melody = _as_codes(sample["melody"], "melody", 2, config.melody_codebook_size, config.melody_codebooks)
+        melody = melody_slice(melody, start / r.semantic_frame_rate, config.melody_frames)  # [n_mel, Qmel]
+    prefix = [layout.condition_ids(mulan, melody)]
     if stage == "semantic":
         generated = layout.semantic_ids(semantic[start : start + n])
     else:
@@ -299,4 +493,4 @@ def build_training_example(
     tokens = np.concatenate([prefix_ids, generated.astype(np.int64)])
     loss_mask = np.zeros(len(tokens), dtype=bool)
     loss_mask[len(prefix_ids) :] = True
-    return tokens, loss_mask
+    return drop_conditioning(tokens, layout, rng, conditioning_dropout), loss_mask

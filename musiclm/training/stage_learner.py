@@ -8,12 +8,19 @@ target tokens it has trained on and reports, on held-out batches, the cross-entr
 targets under that unigram model next to the model's. The unigram model is conditioned on the
 target's codebook (a fine-stage target at level 7 is scored among level-7 codes only), because
 the model knows the level from the position for free; beating it means the model uses context.
+
+Classifier-free guidance (issue 4): ``conditioning_dropout`` (default 0.1) replaces M, and independently
+the melody, by NULL in training examples, so the stage also learns the unconditional distribution.
+Held-out batches are scored with their conditioning as given (``ce``) and nulled (``ce_unconditioned``;
+with melody also ``ce_without_melody``): the gap is what the condition tells the model, i.e. what
+guidance can amplify.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +37,16 @@ from musiclm.checkpoint import (
     read_artifact_config,
     save_artifact,
 )
-from musiclm.models.stages import STAGES, StageConfig, as_rates, build_training_example, describe_rates
+from musiclm.constants import MELODY_CODEBOOK_SIZE
+from musiclm.models.stages import (
+    STAGES,
+    StageConfig,
+    VocabLayout,
+    as_rates,
+    build_training_example,
+    describe_rates,
+    drop_conditioning,
+)
 from musiclm.models.transformer import StageTransformer, TransformerConfig
 from musiclm.tokenizers.backends import TokenRates
 
@@ -81,12 +97,25 @@ class StageLearner:
         seed: int = 0,
         rates: TokenRates | dict[str, Any] | None = None,
         token_info: dict[str, Any] | None = None,
+        conditioning_dropout: float = 0.1,
+        melody: bool = False,
+        melody_codebooks: int | None = None,
+        melody_codebook_size: int | None = None,
     ) -> None:
         """``rates``: the token rates of the shards (``TokenRates`` or its dict; default the paper's), which
-        size the vocabulary and sequences; ``token_info``: the shards' tokenizer record, kept in the export."""
+        size the vocabulary and sequences; ``token_info``: the shards' tokenizer record, kept in the export.
+        ``conditioning_dropout``: probability of nulling M (and, independently, the melody) per example.
+        Melody conditioning: ``melody_codebooks`` / ``melody_codebook_size`` (the melody RVQ's), or
+        ``melody=True`` to read them from ``token_info["melody"]`` (``num_codebooks``, ``codebook_size``)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGES)}")
-        self.config = StageConfig.preset(stage, preset, as_rates(rates))  # raises for an unknown preset
+        if not 0.0 <= conditioning_dropout <= 1.0:
+            raise ValueError(f"conditioning_dropout must be in [0, 1], got {conditioning_dropout}")
+        codebooks, size = melody_options(melody, melody_codebooks, melody_codebook_size, token_info)
+        # raises for an unknown preset
+        self.config = StageConfig.preset(stage, preset, as_rates(rates), melody_codebooks=codebooks,
+                                         melody_codebook_size=size)
+        self.conditioning_dropout = float(conditioning_dropout)
         self.token_info = token_info
         defaults = DEFAULTS[preset]
         self.stage, self.preset, self.kind = stage, preset, stage
@@ -118,17 +147,25 @@ class StageLearner:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Decoded token-shard samples -> {"tokens": long [B, L], "loss_mask": bool [B, L]}, right-padded with PAD."""
+        """Decoded token-shard samples -> {"tokens": long [B, L], "loss_mask": bool [B, L], "condition": long
+        [B, cond_len]}, right-padded with PAD; ``tokens`` has the conditioning dropout applied, ``condition``
+        is the condition as given (held-out batches are scored with it)."""
         if not samples:
             raise ValueError("collate needs at least one sample")
-        examples = [build_training_example(s, self.stage, self.config, self.rng) for s in samples]
+        layout = self.config.layout
+        examples, conditions = [], []
+        for s in samples:
+            t, m = build_training_example(s, self.stage, self.config, self.rng)
+            conditions.append(t[: layout.cond_len].copy())
+            examples.append((drop_conditioning(t, layout, self.rng, self.conditioning_dropout), m))
         length = max(len(t) for t, _ in examples)
-        tokens = np.full((len(examples), length), self.config.layout.pad, dtype=np.int64)
+        tokens = np.full((len(examples), length), layout.pad, dtype=np.int64)
         mask = np.zeros((len(examples), length), dtype=bool)
         for i, (t, m) in enumerate(examples):
             tokens[i, : len(t)] = t
             mask[i, : len(m)] = m
-        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask)}
+        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
+                "condition": torch.from_numpy(np.stack(conditions))}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
@@ -152,13 +189,25 @@ class StageLearner:
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Masked cross-entropy (nats/token) and the unigram baseline's on the same targets."""
+        """Masked cross-entropy (nats/token) with the condition as given, the unigram baseline's on the same
+        targets, and the cross-entropy with the condition nulled (``ce_unconditioned``, and with only the
+        melody nulled, ``ce_without_melody``, for a stage with melody)."""
         self.model.eval()
-        inputs, select, targets = next_token_batch({k: v.to(self.device) for k, v in batch.items()})
-        logits = self.model(inputs, select)  # [N, V_out]
-        ce = F.cross_entropy(logits.float(), targets)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        layout = self.config.layout
+        tokens = batch["tokens"].clone()
+        if "condition" in batch:  # undo the conditioning dropout of collate
+            tokens[:, : layout.cond_len] = batch["condition"]
+        inputs, select, targets = next_token_batch({"tokens": tokens, "loss_mask": batch["loss_mask"]})
+        ce = F.cross_entropy(self.model(inputs, select).float(), targets)  # logits [N, V_out]
         unigram = -self.unigram_log_probs()[targets.cpu()].mean()
-        return {"ce": float(ce), "unigram_ce": float(unigram), "ce_gain": float(unigram - ce)}
+        metrics = {"ce": float(ce), "unigram_ce": float(unigram), "ce_gain": float(unigram - ce)}
+        nulled = {"ce_unconditioned": layout.unconditional(inputs)}
+        if layout.melody_codebooks:
+            nulled["ce_without_melody"] = layout.unconditional(inputs, mulan=False)
+        for name, x in nulled.items():
+            metrics[name] = float(F.cross_entropy(self.model(x, select).float(), targets))
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +218,7 @@ class StageLearner:
             "counts": self.counts.clone(),
             "rng": self.rng.bit_generator.state,
             "rates": self.config.rates.to_dict(),
+            "melody": [self.config.melody_codebooks, self.config.melody_codebook_size],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -177,6 +227,19 @@ class StageLearner:
             raise ValueError(
                 f"the saved {self.stage} state models tokens at {describe_rates(saved)}, this run's shards are at "
                 f"{describe_rates(self.config.rates)}: train into another output folder"
+            )
+        melody = [self.config.melody_codebooks, self.config.melody_codebook_size]
+        saved_melody = list(state.get("melody", [0, MELODY_CODEBOOK_SIZE]))
+        if saved_melody[0] != melody[0] or (melody[0] and saved_melody != melody):
+            raise ValueError(
+                f"the saved {self.stage} state has melody conditioning {_describe_melody(*saved_melody)}, this run "
+                f"{_describe_melody(*melody)}: train into another output folder"
+            )
+        embed = state["model"].get("embed.weight")
+        if embed is not None and embed.shape[0] == self.config.layout.vocab_size - 1:
+            raise ValueError(
+                f"the saved {self.stage} state predates the null id of classifier-free guidance (its vocabulary "
+                "is one id short): train into another output folder (its export still loads with load_stage)"
             )
         _unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -195,10 +258,51 @@ class StageLearner:
         )
 
 
+def _describe_melody(codebooks: int, size: int) -> str:
+    return f"{codebooks} x {size}" if codebooks else "none"
+
+
+def melody_options(
+    melody: bool, codebooks: int | None, size: int | None, token_info: dict[str, Any] | None
+) -> tuple[int, int]:
+    """(melody codebooks, codebook size) of the learner options: explicit numbers win; ``melody=True``
+    reads them from the shards' ``token_info["melody"]``; otherwise no melody (0)."""
+    if codebooks is None and melody:
+        record = (token_info or {}).get("melody") or {}
+        codebooks = record.get("num_codebooks", record.get("codebooks"))
+        size = size if size is not None else record.get("codebook_size")
+        if codebooks is None or size is None:
+            raise ValueError(
+                "melody=True needs shards with melody tokens (token_info['melody'] with num_codebooks and "
+                "codebook_size; tokenize with a checkpoint folder that has melody/ and melody_rvq/), or give "
+                "melody_codebooks and melody_codebook_size"
+            )
+    codebooks = int(codebooks or 0)
+    size = int(size if size is not None else MELODY_CODEBOOK_SIZE)
+    if codebooks < 0 or size < 1:
+        raise ValueError(f"melody_codebooks must be >= 0 and melody_codebook_size >= 1, got {codebooks}, {size}")
+    return codebooks, size
+
+
+def _add_null_row(weights: dict[str, torch.Tensor], layout: VocabLayout) -> dict[str, torch.Tensor]:
+    """Weights of a stage saved before the null id: the embedding gains the NULL row, set to the mean of
+    the conditioning (M) rows, an untrained stand-in (guidance with such a stage is not meaningful)."""
+    embed = weights.get("embed.weight")
+    if embed is None:  # not a stage's weights: load_weights says so
+        return weights
+    qm = layout.rates.conditioning_codebooks * layout.rates.conditioning_codebook_size
+    null = embed[layout.mulan_offset : layout.mulan_offset + qm].mean(dim=0, keepdim=True)  # [1, D]
+    return {**weights, "embed.weight": torch.cat([embed, null.to(embed.dtype)])}  # [V + 1, D]
+
+
 def load_stage(
     path: str | os.PathLike, stage: str | None = None, preset: str | None = None
 ) -> tuple[StageTransformer, StageConfig]:
-    """A saved stage, ``eval()``ed, and its config; ``stage=None`` takes the kind recorded in the folder."""
+    """A saved stage, ``eval()``ed, and its config; ``stage=None`` takes the kind recorded in the folder.
+
+    A stage saved before issue 4 (no melody fields, no null id) still loads: its embedding gains the
+    null row (see ``_add_null_row``) with a warning, since its unconditional branch was never trained.
+    """
     if stage is None:
         stage = read_artifact_config(path)["kind"]
         if stage not in STAGES:
@@ -208,9 +312,24 @@ def load_stage(
     try:
         transformer = config_from_dict(TransformerConfig, data.pop("transformer"))
         rates = as_rates(data.pop("rates", None))  # stages saved before rates were recorded are the paper's
+        before_null = "melody_codebooks" not in data  # saved before issue 4: a vocabulary without NULL
+        if before_null:
+            stage_name = data.get("stage", stage)
+            if transformer.vocab_size + 1 != VocabLayout.for_stage(stage_name, rates).vocab_size:
+                raise ValueError(f"vocab_size {transformer.vocab_size} fits no layout of the {stage_name} stage")
+            transformer.vocab_size += 1
         config = StageConfig(transformer=transformer, rates=rates, **data)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: the stage config does not match this version: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: the stage config does not match this version ({exc}): retrain the stage"
+        ) from exc
+    if before_null:
+        warnings.warn(
+            f"{path} was saved before classifier-free guidance (no null id, no conditioning dropout): it loads, "
+            "but guidance_scale != 1 with it is untrained; retrain to use guidance",
+            stacklevel=2,
+        )
+        weights = _add_null_row(weights, config.layout)
     model = StageTransformer(config.transformer)
     load_weights(model, weights, path)
     return model.eval(), config

@@ -216,3 +216,155 @@ def test_cascade_generates_encodec_tokens_and_refuses_mixed_rates(tmp_path):
                       state_dict=stage.model.state_dict())
     with pytest.raises(ValueError, match="semantic, coarse, fine at acoustic 75 Hz x 8.*tokenizers at acoustic 50 Hz x 12"):
         Cascade.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------- top-p, per-row streams, guidance (issue 4)
+
+def first_token_frequencies(model, prefix, rows: int, seed: int, **options) -> np.ndarray:
+    """Empirical distribution of the first sampled token over ``rows`` copies of one prefix [1, L0]."""
+    out = sample(model, prefix.expand(rows, -1), 1, generator=torch.Generator().manual_seed(seed), **options)
+    return np.bincount(out[:, 0].numpy(), minlength=model.config.num_outputs) / rows
+
+
+def test_top_p_keeps_the_nucleus_and_its_proportions(model):
+    prefix = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = torch.softmax(model(prefix)[0, -1].double() / 2.0, dim=-1).numpy()  # [48] at temperature 2
+    order = np.argsort(-probs)
+    rows = 4000
+    # top_p = 1 is plain sampling; a tiny top_p is greedy
+    full = first_token_frequencies(model, prefix, rows, seed=0, top_p=1.0, temperature=2.0)
+    assert np.array_equal(full, first_token_frequencies(model, prefix, rows, seed=0, temperature=2.0))
+    assert 0.5 * np.abs(full - probs).sum() < 0.06
+    greedy = sample(model, prefix.expand(3, -1), 20, temperature=0.0)
+    assert torch.equal(sample(model, prefix.expand(3, -1), 20, top_p=1e-6, generator=torch.Generator().manual_seed(1)),
+                       greedy)
+    # top_p = 0.6: the smallest set of most probable ids whose mass reaches 0.6, renormalised
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    nucleus = order[mass_before < 0.6]
+    assert 3 < len(nucleus) < 20  # the distribution at temperature 2 makes the cut meaningful
+    expected = np.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    got = first_token_frequencies(model, prefix, rows, seed=2, top_p=0.6, temperature=2.0)
+    assert got[np.setdiff1d(np.arange(48), nucleus)].sum() == 0
+    assert 0.5 * np.abs(got - expected).sum() < 0.05 < 0.5 * np.abs(full - expected).sum()
+    # after temperature and top-k: top_k=2 then top_p=0.999 keeps both, top_p tiny keeps the first
+    two = first_token_frequencies(model, prefix, 500, seed=3, top_k=2, top_p=0.999)
+    assert set(np.flatnonzero(two)) == set(order[:2])
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="top_p"):
+            sample(model, prefix, 2, top_p=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        sample(model, prefix, 2, top_k=0)
+
+
+def test_a_row_draws_the_same_tokens_alone_or_in_a_batch(model):
+    prefixes = torch.randint(0, 60, (3, 6))
+    options = dict(temperature=1.3, top_k=20, top_p=0.9, allowed_range=np.array([[0, 16], [16, 48]] * 12))
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = sample(model, prefixes, 24, generator=gens(10, 11, 12), **options)
+    for i, seed in enumerate((10, 11, 12)):
+        alone = sample(model, prefixes[i : i + 1], 24, generator=gens(seed), **options)
+        assert torch.equal(batch[i : i + 1], alone)
+    reordered = sample(model, prefixes[[2, 0, 1]], 24, generator=gens(12, 10, 11), **options)
+    assert torch.equal(reordered, batch[[2, 0, 1]])
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch, sample(model, prefixes, 24, generator=gens(
+        10, 11, 13), **options))
+    # one generator in a list for one row is the same stream as that generator alone
+    single = sample(model, prefixes[:1], 24, generator=torch.Generator().manual_seed(10), **options)
+    assert torch.equal(single, batch[:1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(model, prefixes, 4, generator=gens(1, 2))
+
+
+def test_new_options_with_cache_equal_recomputation(model):
+    prefix = torch.randint(0, 60, (3, 5))
+    uncond = prefix.clone()
+    uncond[:, :2] = 59  # a "null" condition
+    ranges = np.array([[0, 16], [16, 48]] * 10)
+    for options in (
+        dict(top_p=0.7),
+        dict(top_k=10, top_p=0.8, temperature=0.8),
+        dict(guidance_scale=3.0, uncond_prefix=uncond),
+        dict(guidance_scale=0.0, uncond_prefix=uncond, top_p=0.9, allowed_range=ranges),
+        dict(guidance_scale=2.0, uncond_prefix=uncond, temperature=0.0),
+    ):
+        for per_row in (False, True):
+            def gen(per_row: bool = per_row):
+                return [torch.Generator().manual_seed(5 + i) for i in range(3)] if per_row else torch.Generator().manual_seed(5)
+
+            a = sample(model, prefix, 20, generator=gen(), **options)
+            b = sample_without_cache(model, prefix, 20, generator=gen(), **options)
+            assert torch.equal(a, b), options
+
+
+def test_guidance_scale_one_is_no_guidance_and_bad_guidance_is_refused(model):
+    prefix = torch.randint(0, 60, (2, 5))
+    uncond = prefix.clone()
+    uncond[:, :2] = 59
+    plain = sample(model, prefix, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, sample(model, prefix, 20, generator=torch.Generator().manual_seed(0), guidance_scale=1.0,
+                                     uncond_prefix=uncond))
+    # through the guided path (2B rows, one forward): the conditioned rows are untouched by the unconditional ones
+    near_one = sample(model, prefix, 20, generator=torch.Generator().manual_seed(0), guidance_scale=1.0 + 1e-6,
+                      uncond_prefix=uncond)
+    assert torch.equal(plain, near_one)
+    # s = 0 samples from the unconditional prefix alone
+    zero = sample(model, prefix, 20, temperature=0.0, guidance_scale=0.0, uncond_prefix=uncond)
+    assert torch.equal(zero, sample(model, uncond, 20, temperature=0.0))
+    with pytest.raises(ValueError, match="needs uncond_prefix"):
+        sample(model, prefix, 2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="uncond_prefix has shape"):
+        sample(model, prefix, 2, guidance_scale=2.0, uncond_prefix=uncond[:, :4])
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sample_without_cache(model, prefix, 2, guidance_scale=-1.0, uncond_prefix=uncond)
+    assert model.blocks[0].attn.cache is None
+
+
+GUIDED_RATES = TokenRates(semantic_codebook_size=8, conditioning_codebooks=1, conditioning_codebook_size=4)
+
+
+def conditioned_sample(rng: np.random.Generator) -> dict:
+    """Condition c in 0..3; each of 5 semantic tokens is 2c with probability 1/2, else uniform over 0..7."""
+    c = int(rng.integers(4))
+    tokens = np.where(rng.random(5) < 0.5, 2 * c, rng.integers(0, 8, 5))
+    return {"mulan": np.array([c]), "semantic": tokens, "acoustic": np.zeros((10, 12), dtype=np.int64)}
+
+
+def test_guidance_sharpens_toward_the_condition_on_a_trained_model():
+    """A small stage trained with conditioning dropout: p(mode | c) = 9/16, p(mode) = 3/16 without c, and
+    guidance u + s (c - u) at s = 3 puts ~95 % on the mode (log-linear: 3/16 * 3^3 against the rest)."""
+    from musiclm.models.stages import build_training_example
+
+    model, cfg = tiny_stage("semantic", 0.2, rates=GUIDED_RATES)  # 5 frames per crop
+    layout = cfg.layout
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        examples = [build_training_example(conditioned_sample(rng), "semantic", cfg, rng, conditioning_dropout=0.3)
+                    for _ in range(64)]
+        tokens = torch.from_numpy(np.stack([t for t, _ in examples]))  # [64, 1 + 5]
+        logits = model(tokens[:, :-1])  # [64, 5, 8]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 8), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    conditions = torch.arange(4).repeat_interleave(150)[:, None]  # [600, 1]
+    prefix = torch.as_tensor(layout.condition_ids(conditions))  # [600, 1]
+    uncond = layout.unconditional(prefix)
+    assert (uncond == layout.null).all()
+
+    def mode_rate(scale: float) -> float:
+        out = sample(model, prefix, 1, generator=torch.Generator().manual_seed(1), guidance_scale=scale,
+                     uncond_prefix=uncond, allowed_range=(0, 8))  # [600, 1]
+        return float((out[:, 0] == 2 * conditions[:, 0]).float().mean())
+
+    unconditional, conditional, guided = mode_rate(0.0), mode_rate(1.0), mode_rate(3.0)
+    assert abs(unconditional - 3 / 16) < 0.08 and abs(conditional - 9 / 16) < 0.08
+    assert guided > 0.85 and guided > conditional + 0.2

@@ -10,6 +10,8 @@ from musiclm.models.stages import (
     VocabLayout,
     build_training_example,
     max_seq_len_for,
+    melody_frame_count,
+    melody_slice,
     sequence_lengths,
 )
 from musiclm.models.transformer import StageTransformer
@@ -35,7 +37,7 @@ def test_vocab_blocks_do_not_overlap_and_generated_blocks_come_first():
             starts.append(layout.semantic_offset)
         assert len(set(starts)) == len(starts)
         assert sorted(starts) == list(range(0, len(starts) * 1024, 1024))  # contiguous 1024-id blocks
-        assert layout.sep == len(starts) * 1024 and layout.pad == layout.sep + 1 == layout.vocab_size - 1
+        assert layout.sep == len(starts) * 1024 and layout.pad == layout.sep + 1 == layout.null - 1 == layout.vocab_size - 2
     assert VocabLayout.for_stage("semantic").num_outputs == 1024 and VocabLayout.for_stage("semantic").semantic_offset == 0
     coarse, fine = VocabLayout.for_stage("coarse"), VocabLayout.for_stage("fine")
     assert coarse.num_outputs == 4096 and coarse.acoustic_offsets[:4] == (0, 1024, 2048, 3072)
@@ -73,7 +75,7 @@ def test_presets():
 def test_paper_stages_have_about_430m_parameters():
     with torch.device("meta"):  # no memory, no init cost
         counts = {s: StageTransformer(StageConfig.preset(s, "paper").transformer).num_parameters() for s in STAGES}
-    assert counts == {"semantic": 417_385_984, "coarse": 424_726_016, "fine": 436_260_352}
+    assert counts == {"semantic": 417_387_008, "coarse": 424_727_040, "fine": 436_261_376}  # NULL: one 1024-d row more
 
 
 def test_semantic_layout():
@@ -157,7 +159,7 @@ def test_encodec_layouts_and_lengths():
     assert coarse.num_outputs == 4 * 1024 and coarse.acoustic_offsets[4:] == (None,) * 4
     assert fine.generated_levels == (4, 5, 6, 7) and fine.num_outputs == 4 * 1024
     assert fine.acoustic_offsets == (4096, 5120, 6144, 7168, 0, 1024, 2048, 3072)
-    assert fine.vocab_size == (4 + 4 + 12) * 1024 + 2 and len(fine.acoustic_offsets) == 8
+    assert fine.vocab_size == (4 + 4 + 12) * 1024 + 3 and len(fine.acoustic_offsets) == 8
     assert sequence_lengths("coarse", 2, ENCODEC) == (12 + 50 + 1, 150 * 4)
     assert sequence_lengths("fine", 1, ENCODEC) == (12 + 75 * 4 + 1, 75 * 4)
     cfg = StageConfig.preset("fine", "tiny", ENCODEC.to_dict())  # a dict (learner option, config.json) works too
@@ -178,7 +180,7 @@ def test_blocks_are_sized_per_codebook():
             blocks.append((layout.semantic_offset, 500))
         blocks.sort()
         assert blocks[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(blocks, blocks[1:]))  # contiguous
-        assert layout.sep == blocks[-1][0] + blocks[-1][1] and layout.vocab_size == layout.sep + 2
+        assert layout.sep == blocks[-1][0] + blocks[-1][1] and layout.vocab_size == layout.sep + 3 == layout.null + 1
     fine = VocabLayout.for_stage("fine", rates)
     assert fine.num_outputs == 4 * 2048 and fine.allowed_ranges(5)[:, 0].tolist() == [0, 2048, 4096, 6144, 0]
     codes = np.array([[2047, 0, 5, 1000], [1, 2, 3, 4]])  # [F=2, Q=4]
@@ -218,3 +220,138 @@ def test_shards_of_other_rates_are_refused_clearly():
     with pytest.raises(ValueError, match="last dim 8"):
         build_training_example(aligned_sample(1.0), "coarse", StageConfig.preset("coarse", "tiny", ENCODEC),
                                np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- conditioning (issue 4)
+
+def melody_sample(seconds: float, q: int = 3, size: int = 16) -> dict:
+    """``aligned_sample`` plus melody tokens: frame j (covering [3j, 3j + 4) s) holds (j + 5 q') % size at level q'."""
+    fm = max(1, int((seconds - 4) // 3) + 1)
+    melody = (np.arange(fm)[:, None] + 5 * np.arange(q)[None, :]) % size  # [Fm, Q]
+    return {**aligned_sample(seconds), "melody": melody.astype(np.int16)}
+
+
+def test_melody_frames_and_slices():
+    assert [melody_frame_count(s) for s in (10.0, 30.0, 2.0, 4.0, 6.9, 7.0)] == [3, 9, 1, 1, 1, 2]
+    assert [StageConfig.preset(s, "paper").melody_frames for s in STAGES] == [9, 3, 1]
+    melody = np.stack([np.arange(10), 100 + np.arange(10)], axis=1)  # [Fm=10, Q=2]: frame j holds j
+    assert melody_slice(melody, 0.0, 3)[:, 0].tolist() == [0, 1, 2]
+    assert melody_slice(melody, 10.0, 3)[:, 0].tolist() == [3, 4, 5]  # round(10 / 3) = 3
+    assert melody_slice(melody, 4.4, 3)[:, 0].tolist() == [1, 2, 3]  # round(1.47) = 1
+    assert melody_slice(melody, 29.0, 3)[:, 0].tolist() == [7, 8, 9]  # clamped: the window stays inside
+    assert melody_slice(melody, -5.0, 1)[:, 1].tolist() == [100]
+    assert melody_slice(melody[:2], 12.0, 5)[:, 0].tolist() == [0, 1, 0, 1, 0]  # a short melody is tiled
+    assert torch.equal(melody_slice(torch.from_numpy(melody), 10.0, 3), torch.from_numpy(melody[3:6]))
+    with pytest.raises(ValueError, match="Fm >= 1"):
+        melody_slice(np.zeros((0, 2), dtype=np.int64), 0.0, 3)
+
+
+def test_null_id_and_melody_blocks():
+    for stage in STAGES:
+        plain = VocabLayout.for_stage(stage)
+        melody = VocabLayout.for_stage(stage, None, melody_codebooks=24, melody_codebook_size=512, melody_frames=3)
+        assert plain.null == plain.pad + 1 == plain.vocab_size - 1 and plain.cond_len == 12 and plain.melody_len == 0
+        # melody blocks come after every other block: all other offsets and the outputs are unchanged
+        assert melody.melody_offset == plain.sep and melody.sep == plain.sep + 24 * 512
+        assert (melody.mulan_offset, melody.semantic_offset, melody.acoustic_offsets, melody.num_outputs) == (
+            plain.mulan_offset, plain.semantic_offset, plain.acoustic_offsets, plain.num_outputs)
+        assert melody.null == melody.vocab_size - 1 and melody.cond_len == 12 + 3 * 24
+    assert sequence_lengths("semantic", 30, melody_codebooks=24) == (12 + 9 * 24, 750)
+    assert sequence_lengths("coarse", 10, melody_codebooks=24) == (12 + 3 * 24 + 250 + 1, 2000)
+    assert sequence_lengths("fine", 3, melody_codebooks=24, melody_frames=2) == (12 + 2 * 24 + 600 + 1, 1200)
+    for name in ("tiny", "paper"):
+        for stage in STAGES:
+            cfg = StageConfig.preset(stage, name, melody_codebooks=24, melody_codebook_size=512)
+            assert cfg.layout.melody_frames == cfg.melody_frames and cfg.layout.vocab_size == cfg.transformer.vocab_size
+            assert cfg.transformer.max_seq_len >= sum(sequence_lengths(stage, cfg.crop_seconds, None, 24))
+    assert StageConfig.preset("semantic", "paper", melody_codebooks=24).transformer.max_seq_len == 1024  # 228 + 750
+    with pytest.raises(ValueError, match="melody_codebooks"):
+        StageConfig.preset("semantic", "tiny", melody_codebooks=-1)
+    with pytest.raises(ValueError, match="vocab_size"):  # a transformer sized without the melody blocks
+        StageConfig(stage="fine", crop_seconds=1.0, transformer=StageConfig.preset("fine", "tiny").transformer,
+                    melody_codebooks=2)
+
+
+def test_condition_ids_numpy_torch_and_null():
+    layout = StageConfig.preset("coarse", "tiny", melody_codebooks=3, melody_codebook_size=16).layout  # 2-s crop: 1 frame
+    mulan = np.arange(100, 112).reshape(1, 12).repeat(2, 0)  # [B=2, 12]
+    melody = np.array([[[1, 2, 15]], [[0, 0, 0]]])  # [B=2, n=1, Q=3]
+    ids = layout.condition_ids(mulan, melody)
+    assert ids.shape == (2, 15) and ids.dtype == np.int64
+    assert ids[0, :12].tolist() == layout.mulan_ids(mulan[0]).tolist()
+    assert ids[0, 12:].tolist() == [layout.melody_offset + 1, layout.melody_offset + 16 + 2, layout.melody_offset + 32 + 15]
+    as_torch = layout.condition_ids(torch.from_numpy(mulan), torch.from_numpy(melody))
+    assert isinstance(as_torch, torch.Tensor) and as_torch.tolist() == ids.tolist()
+    no_melody = layout.condition_ids(mulan, None)
+    assert (no_melody[:, :12] == ids[:, :12]).all() and (no_melody[:, 12:] == layout.null).all()
+    no_m = layout.condition_ids(None, torch.from_numpy(melody))
+    assert (no_m[:, :12] == layout.null).all() and no_m[:, 12:].tolist() == ids[:, 12:].tolist()
+    assert layout.condition_ids(None, None).tolist() == [layout.null] * 15
+    assert layout.unconditional(ids).tolist() == layout.condition_ids(None, None)[None].repeat(2, 0).tolist()
+    seq = torch.cat([as_torch, torch.arange(5).expand(2, 5)], dim=1)  # condition then context
+    nulled = layout.unconditional(seq, mulan=False)
+    assert torch.equal(nulled[:, :12], seq[:, :12]) and (nulled[:, 12:15] == layout.null).all()
+    assert torch.equal(nulled[:, 15:], seq[:, 15:]) and not torch.equal(nulled, seq)
+    with pytest.raises(ValueError, match="melody has shape"):
+        layout.condition_ids(mulan, np.zeros((2, 2, 3), dtype=np.int64))  # 2 frames, the crop holds 1
+    with pytest.raises(ValueError, match="melody has codes outside"):
+        layout.condition_ids(mulan, melody + 1)
+    with pytest.raises(ValueError, match="mulan has shape"):
+        layout.condition_ids(mulan[:, :11], melody)
+    with pytest.raises(ValueError, match="batch shapes"):
+        layout.condition_ids(mulan[:1], melody)
+    with pytest.raises(ValueError, match="no melody conditioning"):
+        VocabLayout.for_stage("coarse").condition_ids(mulan, melody)
+    assert VocabLayout.for_stage("coarse").condition_ids(mulan, None).tolist() == VocabLayout.for_stage(
+        "coarse").mulan_ids(mulan).tolist()  # a stage without melody: the condition is M
+
+
+def test_training_examples_take_the_melody_of_their_crop():
+    cfg = StageConfig.preset("semantic", "tiny", melody_codebooks=3, melody_codebook_size=16)  # 10-s crop: 3 frames
+    layout = cfg.layout
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for _ in range(12):
+        tokens, mask = build_training_example(melody_sample(30.0), "semantic", cfg, rng)  # 9 melody frames
+        assert len(tokens) == 12 + 9 + 250 and not mask[:21].any() and mask[21:].all()
+        start_seconds = tokens[21] / 25  # semantic frame t holds t: the crop's start
+        first = min(max(0, round(start_seconds / 3)), 9 - 3)
+        melody = (tokens[12:21].reshape(3, 3) - layout.melody_offset - 16 * np.arange(3)) % 16  # [n, Q]
+        assert melody[:, 0].tolist() == [first, first + 1, first + 2] and melody[:, 1].tolist() == [
+            (first + j + 5) % 16 for j in range(3)]
+        firsts.add(first)
+    assert len(firsts) > 2
+    without = {k: v for k, v in melody_sample(12.0).items() if k != "melody"}
+    tokens, _ = build_training_example(without, "semantic", cfg, np.random.default_rng(0))
+    assert (tokens[12:21] == layout.null).all() and (tokens[:12] < layout.sep).all()
+    with pytest.raises(ValueError, match="melody"):
+        build_training_example({**melody_sample(12.0), "melody": np.zeros((3, 2))}, "semantic", cfg, rng)
+    # a stage without melody ignores the shards' melody tokens
+    plain = StageConfig.preset("semantic", "tiny")
+    a, _ = build_training_example(melody_sample(12.0), "semantic", plain, np.random.default_rng(1))
+    b, _ = build_training_example(aligned_sample(12.0), "semantic", plain, np.random.default_rng(1))
+    assert np.array_equal(a, b)
+
+
+def test_conditioning_dropout_nulls_m_and_melody_independently():
+    cfg = StageConfig.preset("coarse", "tiny", melody_codebooks=3, melody_codebook_size=16)
+    null = cfg.layout.null
+    sample = melody_sample(6.0)
+    plain, _ = build_training_example(sample, "coarse", cfg, np.random.default_rng(7))
+    again, _ = build_training_example(sample, "coarse", cfg, np.random.default_rng(7), conditioning_dropout=0.0)
+    assert np.array_equal(plain, again) and not (plain == null).any()  # p = 0 draws nothing: the same crop
+    rng = np.random.default_rng(8)
+    drops = []
+    for _ in range(600):
+        tokens, mask = build_training_example(sample, "coarse", cfg, rng, conditioning_dropout=0.4)
+        m, mel = tokens[:12] == null, tokens[12:15] == null
+        assert (m.all() or not m.any()) and (mel.all() or not mel.any())  # all of a part or none of it
+        assert not (tokens[15:] == null).any() and mask[15 + 50 + 1 :].all()  # the context and targets stay
+        drops.append((m.all(), mel.all()))
+    m_rate, mel_rate = np.mean(drops, axis=0)
+    both = np.mean([a and b for a, b in drops])
+    assert abs(m_rate - 0.4) < 0.06 and abs(mel_rate - 0.4) < 0.06 and abs(both - 0.16) < 0.05  # independent
+    tokens, _ = build_training_example(sample, "coarse", cfg, rng, conditioning_dropout=1.0)
+    assert (tokens[:15] == null).all()
+    with pytest.raises(ValueError, match="conditioning_dropout"):
+        build_training_example(sample, "coarse", cfg, rng, conditioning_dropout=1.5)

@@ -132,3 +132,104 @@ def test_encodec_rates_size_the_model_and_a_state_of_other_rates_is_refused(tmp_
     assert json.loads((tmp_path / "fine" / "config.json").read_text())["meta"]["token_info"] == {"rates": ENCODEC.to_dict()}
     with pytest.raises(ValueError, match="75 Hz x 8.*50 Hz x 12"):
         StageLearner("tiny", "cpu", stage="fine").load_state_dict(learner.state_dict())
+
+
+# ----------------------------------------------------------------------------- conditioning (issue 4)
+
+MODES = np.array([5, 900, 17, 333])  # the token the condition c in 0..3 makes likely
+POOL = np.array([2, 64, 512, 777, 100, 200, 300, 400])
+
+
+def melody_conditioned_sample(rng: np.random.Generator) -> dict:
+    """0.4 s whose semantic tokens are MODES[c] with probability 1/2, else uniform over POOL, where c is the
+    melody's first code (one melody frame [1, 2]); M is random, so only the melody informs."""
+    c = int(rng.integers(4))
+    semantic = np.where(rng.random(10) < 0.5, MODES[c], POOL[rng.integers(0, 8, 10)])
+    return {"semantic": semantic.astype(np.int16), "mulan": rng.integers(0, 1024, 12).astype(np.int16),
+            "acoustic": np.zeros((20, 12), dtype=np.int16), "melody": np.array([[c, 7]], dtype=np.int16)}
+
+
+def test_melody_conditioning_is_learned_and_measured():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(5)
+    learner = StageLearner("tiny", "cpu", stage="semantic", batch_size=16, lr=2e-3, warmup_steps=3,
+                           conditioning_dropout=0.2, melody_codebooks=2, melody_codebook_size=8)
+    layout = learner.config.layout
+    assert learner.config.melody_frames == 3 and layout.cond_len == 12 + 3 * 2
+    batch = learner.collate([melody_conditioned_sample(rng) for _ in range(200)])
+    condition, tokens = batch["condition"], batch["tokens"]
+    assert condition.shape == (200, 18) and not (condition == layout.null).any()
+    assert torch.equal(condition[:, 12:14], condition[:, 14:16])  # one melody frame, tiled to the crop's 3
+    dropped_m = (tokens[:, :12] == layout.null).all(1).float().mean()
+    dropped_melody = (tokens[:, 12:18] == layout.null).all(1).float().mean()
+    assert abs(dropped_m - 0.2) < 0.08 and abs(dropped_melody - 0.2) < 0.08
+    kept = (tokens[:, :18] != layout.null).all(1)
+    assert torch.equal(tokens[kept, :18], condition[kept])
+    for _ in range(25):
+        learner.train_step(learner.collate([melody_conditioned_sample(rng) for _ in range(16)]))
+    metrics = learner.eval_step(learner.collate([melody_conditioned_sample(rng) for _ in range(64)]))
+    # the melody is the only informative condition: nulling it costs what nulling everything costs
+    assert metrics["ce"] < metrics["unigram_ce"] - 0.2
+    assert metrics["ce_without_melody"] > metrics["ce"] + 0.15
+    assert metrics["ce_unconditioned"] > metrics["ce"] + 0.15
+    assert abs(metrics["ce_unconditioned"] - metrics["ce_without_melody"]) < 0.1
+
+
+def test_melody_options_configs_and_states(tmp_path):
+    info = {"rates": TokenRates().to_dict(), "melody": {"num_codebooks": 3, "codebook_size": 16}}
+    learner = StageLearner("tiny", "cpu", stage="coarse", batch_size=1, melody=True, token_info=info)
+    assert (learner.config.melody_codebooks, learner.config.melody_codebook_size) == (3, 16)
+    assert StageLearner("tiny", "cpu", stage="coarse").config.melody_codebooks == 0
+    with pytest.raises(ValueError, match="melody=True needs shards with melody tokens"):
+        StageLearner("tiny", "cpu", stage="coarse", melody=True, token_info={"rates": TokenRates().to_dict()})
+    with pytest.raises(ValueError, match="conditioning_dropout"):
+        StageLearner("tiny", "cpu", stage="coarse", conditioning_dropout=2.0)
+    rng = np.random.default_rng(6)
+    sample = {**cyclic_sample(rng, 0.4), "melody": rng.integers(0, 16, (1, 3)).astype(np.int16)}
+    batch = learner.collate([sample])
+    assert batch["tokens"].shape == (1, 12 + 3 + 10 + 1 + 80)
+    assert np.isfinite(learner.train_step(batch)["loss"])
+    learner.export(str(tmp_path / "coarse"))
+    model, config = load_stage(tmp_path / "coarse")
+    assert config == learner.config and config.melody_codebooks == 3
+    learner.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["tokens"]), learner.model(batch["tokens"]))
+    with pytest.raises(ValueError, match="melody conditioning 3 x 16.*none"):
+        StageLearner("tiny", "cpu", stage="coarse").load_state_dict(learner.state_dict())
+
+
+def test_a_stage_saved_before_the_null_id_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    learner = StageLearner("tiny", "cpu", stage="fine", batch_size=1)
+    learner.export(str(tmp_path / "fine"))
+    path = tmp_path / "fine"
+    document = json.loads((path / "config.json").read_text())
+    for key in ("melody_codebooks", "melody_codebook_size"):  # as issues 2-3 wrote it: no melody, no NULL
+        del document["config"][key]
+    document["config"]["transformer"]["vocab_size"] -= 1
+    (path / "config.json").write_text(json.dumps(document))
+    weights = load_file(str(path / "model.safetensors"))
+    weights["embed.weight"] = weights["embed.weight"][:-1].contiguous()
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="before classifier-free guidance"):
+        model, config = load_stage(path)
+    assert config == learner.config and model.embed.weight.shape[0] == config.layout.vocab_size
+    x = learner.collate([cyclic_sample(np.random.default_rng(7), 0.2)])["tokens"]  # no NULL in it
+    learner.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), learner.model(x))
+    # the NULL row is the mean of the M rows, not a random vector
+    layout = config.layout
+    m_rows = model.embed.weight[layout.mulan_offset : layout.mulan_offset + 12 * 1024]
+    torch.testing.assert_close(model.embed.weight[layout.null], m_rows.mean(0))
+    state = learner.state_dict()
+    state["model"] = {**state["model"], "embed.weight": state["model"]["embed.weight"][:-1]}
+    with pytest.raises(ValueError, match="predates the null id"):
+        StageLearner("tiny", "cpu", stage="fine").load_state_dict(state)
+    document["config"]["transformer"]["vocab_size"] -= 5  # neither layout: a clear error
+    (path / "config.json").write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="retrain"):
+        load_stage(path)
