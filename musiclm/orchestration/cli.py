@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 STAGES = ("semantic", "coarse", "fine")
-TOKENIZER_COMPONENTS = ("soundstream", "w2vbert", "mulan")
+TOKENIZER_COMPONENTS = ("soundstream", "w2vbert", "mulan", "melody")
 
 
 class UserError(Exception):
@@ -280,11 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="a learner option, e.g. --option text_trainable=true (repeatable)")
 
-    fit = sub.add_parser("fit", help="fit the semantic k-means or MuLan's RVQ on audio shards", epilog=beam_help)
-    fit.add_argument("what", choices=["semantic_kmeans", "mulan_rvq"])
+    fit = sub.add_parser("fit", help="fit the semantic k-means, MuLan's RVQ or the melody RVQ on audio shards",
+                         epilog=beam_help)
+    fit.add_argument("what", choices=["semantic_kmeans", "mulan_rvq", "melody_rvq"])
     fit.add_argument("--data", required=True, help="audio shards")
-    fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/ and mulan/")
-    fit.add_argument("--max-windows", type=int, default=2000, help="mulan_rvq: audio windows to embed")
+    fit.add_argument("--tokenizers", required=True, help="checkpoint folder with w2vbert/, mulan/ (and melody/ for melody_rvq)")
+    fit.add_argument("--max-windows", type=int, default=2000, help="mulan_rvq / melody_rvq: audio windows (melody embeddings) to fit on")
     fit.add_argument("--max-frames", type=int, default=1_000_000,
                      help="semantic_kmeans: feature frames sampled across the whole corpus (a Beam job)")
     fit.add_argument("--frames-per-window", type=int, default=None, help="semantic_kmeans: cap per audio window")

@@ -1,4 +1,5 @@
-"""Beam job: an audio corpus -> token shards (A, S, M_A per crop window) for the three stages.
+"""Beam job: an audio corpus -> token shards (A, S, M_A per crop window, and melody tokens when the
+tokenizer folder has a melody tokenizer) for the three stages.
 
     Create(uris) -> ReadWindows -> BatchElements -> Tokenize -> AssignShard -> GroupByKey -> WriteShard
                         |  dead letters (per file)                    |  dead letters (per window)           |
@@ -17,6 +18,11 @@ Every sample's ``json`` records the tokenizers that made it: ``tokenizers`` (art
 ``token_info`` (per role: backend, version, ids; and the token rates, e.g. EnCodec's 75 Hz x 8 x
 1024), as do ``plan.json`` and ``manifest.json``; stage training refuses shards whose ``token_info``
 differ. A worker whose tokenizers do not match the driver's plan refuses to start (never mixed shards).
+
+Melody tokens (appendix C) are optional: when ``CKPT_DIR`` holds ``melody/`` and ``melody_rvq/``
+(``musiclm.tokenizers.melody.has_melody``), every sample also carries ``melody.npy`` (int16 ``[Fm, Qmel]``:
+one row per 4-s window with a 3-s hop of the crop window, 3 for 10 s, 9 for 30 s) and ``token_info["melody"]``
+records the melody tokenizer (ids, codebooks, framing); without them the shards are exactly as before.
 
 The crop window is the semantic stage's training crop (10 s in ``tiny``, the paper's 30 s in
 ``paper``), with hop = window, so a 10.0-s clip yields exactly one window in ``tiny``.
@@ -61,7 +67,8 @@ def default_window_seconds(preset: str) -> float:
 
 
 class Tokenize(beam.DoFn):
-    """A batch of windows -> token samples ``{"__key__", "json", "acoustic", "semantic", "mulan"}``.
+    """A batch of windows -> token samples ``{"__key__", "json", "acoustic", "semantic", "mulan"}`` (and
+    ``"melody"`` when the tokenizer folder has a melody tokenizer).
 
     The TokenizerBundle is loaded in ``setup`` (once per DoFn instance, not per element). A failing
     batch is retried window by window; a window that still fails becomes a dead letter.

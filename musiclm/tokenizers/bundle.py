@@ -3,9 +3,13 @@
     wav (24 kHz) ──acoustic (SoundStream / EnCodec)──▶ A   int16 [F, K]   acoustic tokens (50 Hz x 12 / 75 Hz x 8)
                  ──semantic features + k-means──▶     S   int16 [F_s]    semantic tokens, 25 Hz
                  ──conditioner towers + RVQ──▶        M_A int16 [12]     conditioning tokens
+                 ──melody ViT + RVQ (optional)──▶     int16 [Fm, Qm]     melody tokens, 4-s windows, 3-s hop
 
 Which model makes each kind of token is chosen by ``CKPT_DIR/backends.json``
 (:mod:`musiclm.tokenizers.backends`; ours without it), and the bundle loads through those loaders.
+The melody tokenizer (appendix C: ``melody/`` + ``melody_rvq/``) is optional: when the folder has it
+(:func:`musiclm.tokenizers.melody.has_melody`) every window also gets ``melody`` tokens and
+``token_info["melody"]`` records it; without it nothing changes.
 The Beam Tokenize step loads one bundle per worker (``DoFn.setup``) and calls
 :meth:`TokenizerBundle.tokenize_windows` on batches of equal-length crop windows. ``token_info``
 (per role: backend, version, ids, and the token rates) and ``ids`` (artifact ids of the folders
@@ -36,6 +40,11 @@ COMPONENT_COMMANDS = {
     "mulan": "musiclm train mulan --data AUDIO_SHARDS --out {ckpt}/mulan",
     "mulan_rvq": "musiclm fit mulan_rvq --data AUDIO_SHARDS --tokenizers {ckpt}",
 }
+# the optional melody tokenizer (appendix C): both folders, or neither
+MELODY_COMMANDS = {
+    "melody": "musiclm train melody --data MELODY_AUDIO_SHARDS --out {ckpt}/melody",
+    "melody_rvq": "musiclm fit melody_rvq --data AUDIO_SHARDS --tokenizers {ckpt}",
+}
 # per role: the folder of our own network (not needed with a pretrained backend), and the folder fitted
 # on the network's outputs (always needed: our k-means / RVQ on the chosen features / embeddings)
 ROLE_FOLDERS = {
@@ -52,8 +61,9 @@ _LOCAL_COPIES: dict[str, str] = {}
 def local_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     """A local folder holding the tokenizer artifacts: ``ckpt_dir`` itself, or, for an fsspec URL
     (``gs://bucket/ckpt`` on Dataflow workers), a per-process temporary copy of ``backends.json`` and
-    the five folders' ``config.json`` + ``model.safetensors`` (artifacts load from local files only;
-    a pretrained backend's model folder is a local path on every worker)."""
+    the five folders' (and the melody tokenizer's two) ``config.json`` + ``model.safetensors``
+    (artifacts load from local files only; a pretrained backend's model folder is a local path on every
+    worker)."""
     text = str(ckpt_dir)
     if "://" not in text or text.startswith("file://"):
         return Path(text.removeprefix("file://"))
@@ -69,7 +79,7 @@ def local_checkpoint_dir(ckpt_dir: str | Path) -> Path:
         base = root.rstrip("/")
         if fs.exists(f"{base}/{BACKENDS_FILE}"):
             fs.get(f"{base}/{BACKENDS_FILE}", str(local / BACKENDS_FILE))
-        for name in COMPONENT_COMMANDS:
+        for name in (*COMPONENT_COMMANDS, *MELODY_COMMANDS):
             for file in (CONFIG_FILE, WEIGHTS_FILE):
                 remote = f"{base}/{name}/{file}"
                 if fs.exists(remote):
@@ -92,21 +102,26 @@ def required_folders(ckpt_dir: str | Path) -> list[str]:
 
 
 def ids_from_token_info(info: dict[str, Any]) -> dict[str, str]:
-    """The flat ``{name: id}`` of a ``token_info``: artifact ids of the folders used, and for each
-    pretrained backend ``{backend: its id}`` (a hash of its files)."""
+    """The flat ``{name: id}`` of a ``token_info``: artifact ids of the folders used (the melody
+    tokenizer's too, when there is one), and for each pretrained backend ``{backend: its id}`` (a hash of
+    its files)."""
     ids: dict[str, str] = {}
     for role in backends.ROLES:
         entry = info.get(role) or {}
         ids.update(entry.get("ids") or {})
         if entry.get("backend") and entry["backend"] != backends.OURS[role]:
             ids[entry["backend"]] = str(entry.get("id"))
+    ids.update((info.get("melody") or {}).get("ids") or {})
     return dict(sorted(ids.items()))
 
 
-def check_int16_rates(rates: TokenRates) -> None:
+def check_int16_rates(rates: TokenRates, melody_codebook_size: int | None = None) -> None:
     """Shards store ids as int16: refuse a codebook with ids beyond 32767 before anything is tokenized."""
-    for role, size in (("acoustic", rates.acoustic_codebook_size), ("semantic", rates.semantic_codebook_size),
-                       ("conditioning", rates.conditioning_codebook_size)):
+    sizes = [("acoustic", rates.acoustic_codebook_size), ("semantic", rates.semantic_codebook_size),
+             ("conditioning", rates.conditioning_codebook_size)]
+    if melody_codebook_size is not None:
+        sizes.append(("melody", melody_codebook_size))
+    for role, size in sizes:
         if size - 1 > _INT16_MAX:
             raise ValueError(
                 f"the {role} codebook has {size} codes, but token shards store int16 ids (at most {_INT16_MAX + 1} "
@@ -125,7 +140,8 @@ def _to_int16(codes: torch.Tensor, what: str, size: int) -> np.ndarray:
 @dataclass
 class TokenizerBundle:
     """The acoustic tokenizer (``acoustic``), the semantic tokenizer (``semantic``) and the conditioner
-    (``conditioner``) of one checkpoint folder, with the rates their tokens come at."""
+    (``conditioner``) of one checkpoint folder, with the rates their tokens come at; ``melody`` is the
+    optional melody tokenizer (None when the folder has none)."""
 
     acoustic: Any
     semantic: Any
@@ -136,6 +152,7 @@ class TokenizerBundle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rates: TokenRates = field(default_factory=TokenRates)
     token_info: dict[str, Any] = field(default_factory=dict)
+    melody: Any = None
 
     @property
     def backends(self) -> dict[str, str]:
@@ -145,14 +162,20 @@ class TokenizerBundle:
     @staticmethod
     def check_folders(ckpt_dir: str | Path) -> None:
         """Raise CheckpointError naming every missing folder the chosen backends need, with the command
-        that makes it (and any pretrained model folder named in ``backends.json`` that does not exist)."""
+        that makes it (and any pretrained model folder named in ``backends.json`` that does not exist).
+        The melody tokenizer is optional, but half of it (``melody/`` without ``melody_rvq/`` or the
+        reverse) is refused rather than silently left out of the shards."""
         ckpt = local_checkpoint_dir(ckpt_dir)
         try:
             specs = backends.read_backends(ckpt)
         except ValueError as exc:
             raise CheckpointError(str(exc)) from exc
         missing = [name for name in required_folders(ckpt) if not (ckpt / name / "config.json").is_file()]
-        problems = [f"{name}/ (make it with `{COMPONENT_COMMANDS[name].format(ckpt=ckpt)}`)" for name in missing]
+        melody = [name for name in MELODY_COMMANDS if (ckpt / name / "config.json").is_file()]
+        if melody:
+            missing += [name for name in MELODY_COMMANDS if name not in melody]
+        commands = {**COMPONENT_COMMANDS, **MELODY_COMMANDS}
+        problems = [f"{name}/ (make it with `{commands[name].format(ckpt=ckpt)}`)" for name in missing]
         problems += [
             f"the {spec.backend} model folder {spec.path} named in {BACKENDS_FILE}"
             for spec in specs.values()
@@ -176,10 +199,17 @@ class TokenizerBundle:
 
     @staticmethod
     def read_token_info(ckpt_dir: str | Path) -> dict[str, Any]:
-        """``backends.token_info`` of the folder (backends, versions, ids, rates): what every shard records."""
+        """``backends.token_info`` of the folder (backends, versions, ids, rates), plus ``melody`` (ids,
+        tokens per frame, framing) when the folder has a melody tokenizer: what every shard records."""
+        from musiclm.tokenizers.melody import has_melody, melody_token_info
+
         TokenizerBundle.check_folders(ckpt_dir)
-        info = backends.token_info(local_checkpoint_dir(ckpt_dir))
-        check_int16_rates(TokenRates.from_dict(info["rates"]))
+        ckpt = local_checkpoint_dir(ckpt_dir)
+        info = backends.token_info(ckpt)
+        if has_melody(ckpt):
+            info["melody"] = melody_token_info(ckpt)
+        melody_size = (info.get("melody") or {}).get("codebook_size")
+        check_int16_rates(TokenRates.from_dict(info["rates"]), melody_size)
         return info
 
     @staticmethod
@@ -190,10 +220,14 @@ class TokenizerBundle:
     @classmethod
     def load(cls, ckpt_dir: str | Path, preset: str | None = None, device: str | torch.device = "cpu") -> TokenizerBundle:
         """Load the three tokenizers the backends name (ours: ``soundstream/``, ``w2vbert/`` + ``semantic_kmeans/``,
-        ``mulan/`` + ``mulan_rvq/``).
+        ``mulan/`` + ``mulan_rvq/``), and the melody tokenizer (``melody/`` + ``melody_rvq/``) if there is one.
 
-        ``preset`` None accepts the preset the folders were trained with, but our networks' folders must agree.
+        ``preset`` None accepts the preset the folders were trained with, but our networks' folders must agree
+        (the melody tokenizer keeps its own preset unless one is asked for).
         """
+        from musiclm.tokenizers.melody import load_melody_tokenizer
+
+        asked = preset
         ckpt = local_checkpoint_dir(ckpt_dir)  # a local copy when ckpt_dir is gs://... on a cloud worker
         presets = cls.read_presets(ckpt)
         specs = backends.read_backends(ckpt)
@@ -208,8 +242,9 @@ class TokenizerBundle:
         acoustic = backends.load_acoustic(ckpt, preset, device)
         semantic = backends.load_semantic(ckpt, preset, device)
         conditioner = backends.load_conditioner(ckpt, preset, device)
+        melody = load_melody_tokenizer(ckpt, asked, device) if "melody" in info else None
         return cls(acoustic, semantic, conditioner, ids_from_token_info(info), preset, str(ckpt_dir), device,
-                   rates, info)
+                   rates, info, melody)
 
     @torch.no_grad()
     def tokenize_windows(self, wavs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -218,7 +253,9 @@ class TokenizerBundle:
         Windows of equal length run as one batch through each tokenizer; other lengths are batched
         separately. ``T`` must be a multiple of the semantic hop (960 samples: whole 40-ms frames). The
         tokens' shapes are checked against the rates: acoustic ``[T // hop, K]`` (hop 480 x 12 levels
-        for SoundStream, 320 x 8 for EnCodec at 6 kbps), semantic ``[T // 960]``, conditioning ``[12]``.
+        for SoundStream, 320 x 8 for EnCodec at 6 kbps), semantic ``[T // 960]``, conditioning ``[12]``;
+        with a melody tokenizer also ``melody`` ``[Fm, Qmel]`` (``Fm = melody_frame_count(T / 24000)``:
+        3 for 10 s, 9 for 30 s, 1 for at most 4 s).
         """
         r = self.rates
         results: list[dict[str, np.ndarray] | None] = [None] * len(wavs)
@@ -248,12 +285,24 @@ class TokenizerBundle:
             acoustic_np = _to_int16(acoustic.transpose(1, 2), "acoustic", r.acoustic_codebook_size)  # [B, K, F] -> [B, F, K]
             semantic_np = _to_int16(semantic, "semantic", r.semantic_codebook_size)
             mulan_np = _to_int16(mulan, "conditioning", r.conditioning_codebook_size)
+            melody_np = self._melody_tokens(batch) if self.melody is not None else None
             for row, i in enumerate(indices):
                 results[i] = {"acoustic": acoustic_np[row], "semantic": semantic_np[row], "mulan": mulan_np[row]}
+                if melody_np is not None:
+                    results[i]["melody"] = melody_np[row]
         return results  # type: ignore[return-value]
 
+    def _melody_tokens(self, batch: torch.Tensor) -> np.ndarray:
+        """Melody tokens of equal-length windows ``[B, T]`` -> int16 ``[B, Fm, Qmel]``, shape-checked."""
+        melody = self.melody.tokens(batch)  # [B, Fm, Qmel]
+        expected = (self.melody.frame_count(batch.shape[1] / SAMPLE_RATE), self.melody.num_codebooks)
+        if tuple(melody.shape[1:]) != expected:
+            raise ValueError(f"melody tokens {tuple(melody.shape)} != [B, {expected[0]}, {expected[1]}]")
+        return _to_int16(melody, "melody", self.melody.codebook_size)
+
     def tokenize_window(self, wav: np.ndarray) -> dict[str, np.ndarray]:
-        """One window float32 [T] -> ``{"acoustic": int16[F, K], "semantic": int16[F_s], "mulan": int16[12]}``."""
+        """One window float32 [T] -> ``{"acoustic": int16[F, K], "semantic": int16[F_s], "mulan": int16[12]}``
+        (and ``"melody": int16[Fm, Qmel]`` with a melody tokenizer)."""
         return self.tokenize_windows([wav])[0]
 
 

@@ -1,4 +1,4 @@
-"""Fitting the two non-gradient tokenizer parts: the semantic k-means and the conditioner's RVQ.
+"""Fitting the non-gradient tokenizer parts: the semantic k-means, the conditioner's RVQ and the melody RVQ.
 
 * ``semantic_kmeans``: 1024 centroids over semantic features of the whole corpus. A Beam job
   (:mod:`musiclm.pipelines.sample_features`) samples frames evenly across every window into float16
@@ -7,6 +7,9 @@
   The centroids are their own artifact (the memorization analysis reuses their distances).
 * ``mulan_rvq``: MuLan's 12 x 1024 RVQ, k-means on successive residuals of the audio embeddings of
   up to ``max_windows`` windows (one 128-d embedding per window: small, fitted in memory).
+* ``melody_rvq``: the melody tokenizer's RVQ (24 x 512 in the paper, the size the ``melody/`` artifact's
+  config records), k-means on successive residuals of up to ``max_windows`` melody embeddings (one
+  192-d embedding per 4-s window, 3-s hop, of the audio shards' windows), fitted in memory the same way.
 
 Both use the feature model / towers that ``musiclm.tokenizers.backends`` loads for the tokenizer
 folder, so they fit on our w2v-BERT / MuLan or on a pretrained HuBERT / w2v-BERT 2.0 / CLAP alike.
@@ -127,7 +130,7 @@ def fit_component(
     beam_args: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Fit ``semantic_kmeans`` or ``mulan_rvq`` into ``tokenizers/<what>`` and return that folder.
+    """Fit ``semantic_kmeans``, ``mulan_rvq`` or ``melody_rvq`` into ``tokenizers/<what>``; return that folder.
 
     ``data``: audio shard folder(s) (or, for ``semantic_kmeans``, audio files / folders / globs too).
 
@@ -136,7 +139,9 @@ def fit_component(
     every window (None: all) and about ``max_frames`` in all (None: no cap), with ``beam_args`` for the
     runner; then ``k`` centroids are fitted streaming (``minibatch_passes`` + ``lloyd_passes``, batches of
     ``batch_size`` frames). ``mulan_rvq``: 12 x 1024 RVQ on the audio embeddings of up to ``max_windows``
-    windows, ``iters`` k-means iterations per level. ``seed`` makes both deterministic.
+    windows, ``iters`` k-means iterations per level. ``melody_rvq``: the melody RVQ on up to ``max_windows``
+    melody embeddings of the embedder in ``tokenizers/melody``, ``iters`` per level. ``seed`` makes all
+    three deterministic.
     """
     ckpt = Path(tokenizers)
     out = ckpt / what
@@ -153,8 +158,11 @@ def fit_component(
         )
     elif what == "mulan_rvq":
         fit_mulan_rvq_component(data, ckpt, out, max_windows=max_windows, iters=iters, seed=seed, device=device)
+    elif what == "melody_rvq":
+        fit_melody_rvq_component(data, ckpt, out, max_windows=max_windows, iters=iters, seed=seed,
+                                 device=device)
     else:
-        raise ValueError(f"cannot fit '{what}': choose semantic_kmeans or mulan_rvq")
+        raise ValueError(f"cannot fit '{what}': choose semantic_kmeans, mulan_rvq or melody_rvq")
     return out
 
 
@@ -193,3 +201,43 @@ def fit_mulan_rvq_component(
             "backend": {"backend": spec.backend, "path": spec.path, "options": spec.options}}
     save_mulan_rvq(rvq, out_dir, artifact_preset(tokenizers, "conditioner", "mulan"), meta=meta)
     return rvq
+
+
+@torch.no_grad()
+def fit_melody_rvq_component(
+    data: str | Sequence[str],
+    tokenizers: str | Path,
+    out_dir: str | Path,
+    *,
+    max_windows: int = 2000,
+    iters: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Any:
+    """The melody RVQ (the size the ``melody/`` config records: 24 x 512 in the paper) on the melody
+    embeddings of audio shards (every 4-s window with a 3-s hop of each shard window), up to
+    ``max_windows`` embeddings; saved as the ``melody_rvq`` artifact with the embedder's preset. Returns
+    the RVQ."""
+    from musiclm.checkpoint import CheckpointError, artifact_id
+    from musiclm.tokenizers.melody import fit_melody_rvq, load_melody
+
+    folder = Path(tokenizers) / "melody"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{tokenizers} has no melody/ embedder to fit melody_rvq on: train it first with "
+            f"`musiclm train melody --data MELODY_AUDIO_SHARDS --out {folder}`"
+        )
+    embedder = load_melody(folder, device=device)
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for source in sources:
+            yield from wav_batches(str(source), max_windows=max_windows)
+
+    try:
+        return fit_melody_rvq(embedder, batches(), out_dir, max_embeddings=max_windows, iters=iters,
+                              seed=seed, meta={"melody": artifact_id(folder)})
+    except ValueError as exc:
+        if "no audio" in str(exc):
+            raise ValueError(f"no audio windows in {data} to fit the melody RVQ on") from exc
+        raise

@@ -5,9 +5,10 @@ learner classes are imported lazily, on the Ray worker that builds them, so that
 never loads model code it does not need. A name of the form ``"package.module:Class"`` names
 any other class that follows the Learner protocol (docs/interfaces.md) — the tests use that.
 
-Tokenizers learn from *audio* shards (``json`` + ``flac`` members); the three stages learn
-from *token* shards (``acoustic.npy`` / ``semantic.npy`` / ``mulan.npy``). Pointing a learner at
-the other kind is the most likely user mistake, so it is refused before Ray starts.
+Tokenizers learn from *audio* shards (``json`` + ``flac`` members; the melody embedder's carry
+``melody_group`` in their ``json``); the three stages learn from *token* shards (``acoustic.npy`` /
+``semantic.npy`` / ``mulan.npy``, and ``melody.npy`` when the tokenizers had a melody tokenizer).
+Pointing a learner at the other kind is the most likely user mistake, so it is refused before Ray starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ LEARNERS: dict[str, str] = {
     "soundstream": "musiclm.training.soundstream_learner:SoundStreamLearner",
     "w2vbert": "musiclm.training.w2vbert_learner:W2VBertLearner",
     "mulan": "musiclm.training.mulan_learner:MuLanLearner",
+    "melody": "musiclm.training.melody_learner:MelodyLearner",
     "semantic": "musiclm.training.stage_learner:StageLearner",
     "coarse": "musiclm.training.stage_learner:StageLearner",
     "fine": "musiclm.training.stage_learner:StageLearner",
@@ -41,6 +43,7 @@ SHARD_KINDS: dict[str, str] = {
     "soundstream": AUDIO,
     "w2vbert": AUDIO,
     "mulan": AUDIO,
+    "melody": AUDIO,  # audio shards whose sample json carries "melody_group"
     "semantic": TOKENS,
     "coarse": TOKENS,
     "fine": TOKENS,
@@ -50,7 +53,8 @@ SHARD_KINDS: dict[str, str] = {
 # ``default_max_steps`` attribute (an int, or a dict preset -> int)
 DEFAULT_MAX_STEPS: dict[str, int] = {"tiny": 300, "paper": 500_000}
 
-TOKEN_MEMBERS = ("acoustic.npy", "semantic.npy", "mulan.npy")
+# a token sample may also carry melody.npy (when the tokenizer folder has a melody tokenizer): still tokens
+TOKEN_MEMBERS = ("acoustic.npy", "semantic.npy", "mulan.npy", "melody.npy")
 AUDIO_MEMBERS = ("flac", "wav")
 
 

@@ -155,3 +155,38 @@ def test_encodec_backend_shards_record_its_token_info(ckpt, tmp_path):
         assert s["acoustic"].shape == (75, 8) and s["acoustic"].dtype == np.int16 and s["semantic"].shape == (25,)
         assert s["json"]["token_info"] == info and s["json"]["schema"] == SHARD_SCHEMA_VERSION
     assert sh.check_same_tokenizers(sh.list_shards(str(out))) == info
+
+
+def test_a_melody_tokenizer_adds_melody_npy_to_every_sample(ckpt, bundle, tmp_path):
+    """With melody/ + melody_rvq/ in the tokenizer folder every sample gets melody.npy (int16 [Fm, Qmel]) and
+    every record names the melody tokenizer; the shards stay token shards that stage training reads."""
+    import shutil
+
+    from musiclm.tokenizers.melody import save_random_melody
+    from musiclm.training import registry
+
+    mel_ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpt, mel_ckpt)
+    save_random_melody(mel_ckpt, "tiny", seed=0)
+    write_wav(str(tmp_path / "one.wav"), _clip(8.5, 5), SR)
+    out = tmp_path / "tokens"
+    stats = run_tokenize([str(tmp_path / "one.wav")], str(out), str(mel_ckpt), progress=False,
+                         window_seconds=4.0)
+    assert stats["windows"] == 2 and stats["files_dead"] == 0
+    manifest = sh.read_manifest(str(out))
+    info = manifest["token_info"]
+    assert info["melody"]["num_codebooks"] == 8 and info["melody"]["codebook_size"] == 64
+    assert {k: v for k, v in info.items() if k != "melody"} == bundle.token_info
+    assert set(manifest["tokenizers"]) == {*bundle.ids, "melody", "melody_rvq"}
+    melody_bundle = TokenizerBundle.load(mel_ckpt)
+    samples = sorted(sh.iter_samples(str(out)), key=lambda s: s["json"]["start"])
+    wav = load_audio(str(tmp_path / "one.wav"))
+    for s in samples:
+        assert s["melody"].shape == (1, 8) and s["melody"].dtype == np.int16  # a 4-s window: one melody frame
+        assert s["json"]["token_info"] == info and s["acoustic"].shape == (200, 12)
+        start = int(s["json"]["start"] * SR)
+        direct = melody_bundle.tokenize_window(wav[start : start + 4 * SR])["melody"]
+        assert (s["melody"] == direct).mean() >= 0.9
+    shards = sh.list_shards(str(out))
+    assert registry.shard_kind(shards[0]) == registry.TOKENS
+    assert sh.check_same_tokenizers(shards) == info

@@ -171,3 +171,55 @@ def test_codebooks_too_large_for_int16_are_refused():
     check_int16_rates(TokenRates(acoustic_codebook_size=32768))  # ids 0..32767 fit
     with pytest.raises(ValueError, match="acoustic codebook has 65536 codes.*int16"):
         check_int16_rates(TokenRates(acoustic_codebook_size=65536))
+
+
+# ----------------------------------------------------------------------------- melody tokens (issue 4)
+
+
+@pytest.fixture(scope="module")
+def melody_ckpt(ckpt, tmp_path_factory) -> Path:
+    """The same five tokenizers plus an (untrained) tiny melody tokenizer: melody/ + melody_rvq/."""
+    from musiclm.tokenizers.melody import save_random_melody
+
+    root = tmp_path_factory.mktemp("melody_bundle") / "ckpt"
+    shutil.copytree(ckpt, root)
+    save_random_melody(root, "tiny", seed=0)
+    return root
+
+
+def test_a_melody_tokenizer_adds_melody_tokens_and_records_them(melody_ckpt, bundle):
+    loaded = TokenizerBundle.load(melody_ckpt)
+    assert bundle.melody is None and "melody" not in bundle.token_info  # without one nothing changes
+    assert loaded.melody is not None
+    info = loaded.token_info["melody"]
+    assert (info["num_codebooks"], info["codebook_size"], info["frame_hop_seconds"]) == (8, 64, 3.0)
+    assert {k: v for k, v in loaded.token_info.items() if k != "melody"} == bundle.token_info
+    assert loaded.ids == {**bundle.ids, "melody": artifact_id(melody_ckpt / "melody"),
+                          "melody_rvq": artifact_id(melody_ckpt / "melody_rvq")}
+    assert TokenizerBundle.read_ids(melody_ckpt) == loaded.ids
+    wavs = [_clip(1.0, 0), _clip(7.0, 1)]
+    tokens = loaded.tokenize_windows(wavs)
+    # 1 s: one zero-padded window; 7 s: the windows at 0 and 3 s
+    assert tokens[0]["melody"].shape == (1, 8) and tokens[1]["melody"].shape == (2, 8)
+    for t in tokens:
+        assert t["melody"].dtype == np.int16 and 0 <= t["melody"].min() and t["melody"].max() < 64
+    direct = loaded.melody.tokens(torch.from_numpy(wavs[1])[None])[0].numpy()
+    np.testing.assert_array_equal(tokens[1]["melody"], direct)
+    np.testing.assert_array_equal(tokens[0]["semantic"], bundle.tokenize_window(wavs[0])["semantic"])
+
+
+def test_half_a_melody_tokenizer_is_refused(melody_ckpt, tmp_path):
+    partial = tmp_path / "ckpt"
+    shutil.copytree(melody_ckpt, partial)
+    shutil.rmtree(partial / "melody_rvq")
+    with pytest.raises(CheckpointError, match="melody_rvq/ \\(make it with `musiclm fit melody_rvq"):
+        TokenizerBundle.load(partial)
+
+
+def test_a_remote_melody_tokenizer_is_copied_too(melody_ckpt):
+    remote = f"memory://ckpt-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    for path in Path(melody_ckpt).glob("*/*"):
+        fs.pipe_file(f"{remote}/{path.parent.name}/{path.name}", path.read_bytes())
+    loaded = TokenizerBundle.load(remote)
+    assert loaded.melody is not None and loaded.ids == TokenizerBundle.read_ids(melody_ckpt)

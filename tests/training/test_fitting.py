@@ -84,8 +84,35 @@ def test_fit_component_mulan_rvq(tokenizers):
     rvq = load_mulan_rvq(out, preset="tiny")
     assert (rvq.num_quantizers, rvq.codebook_size) == (12, 1024)
     assert read_artifact_config(out)["meta"]["embeddings"] == 6
-    with pytest.raises(ValueError, match="semantic_kmeans or mulan_rvq"):
+    with pytest.raises(ValueError, match="semantic_kmeans, mulan_rvq or melody_rvq"):
         fit_component("soundstream", str(tokenizers / "audio"), str(ckpt))
+
+
+def test_fit_component_melody_rvq(tokenizers, tmp_path):
+    """The melody RVQ on the melody embeddings of audio shards, sized by the melody/ config (tiny: 8 x 64)."""
+    import shutil
+
+    from musiclm.checkpoint import CheckpointError, artifact_id
+    from musiclm.tokenizers.melody import MelodyConfig, MelodyEmbedder, load_melody_tokenizer, save_melody
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError, match="no melody/ embedder.*musiclm train melody"):
+        fit_component("melody_rvq", str(tokenizers / "audio"), str(ckpt))
+    shutil.copytree(tokenizers / "ckpt" / "mulan", ckpt / "mulan")  # any other folders may be there
+    torch.manual_seed(0)
+    save_melody(MelodyEmbedder(MelodyConfig.preset("tiny")), ckpt / "melody", "tiny")
+    out = fit_component("melody_rvq", str(tokenizers / "audio"), str(ckpt), max_windows=6, iters=2)
+    assert out == ckpt / "melody_rvq"
+    document = read_artifact_config(out)
+    assert document["preset"] == "tiny"
+    assert document["config"] == {"dim": 192, "num_quantizers": 8, "codebook_size": 64}
+    assert document["meta"]["embeddings"] == 6 and document["meta"]["melody"] == artifact_id(ckpt / "melody")
+    tokenizer = load_melody_tokenizer(ckpt, preset="tiny")
+    wav = torch.from_numpy(np.stack([s["wav"] for s in sh.iter_samples(str(tokenizers / "audio"))]))  # [8, 2 s]
+    tokens = tokenizer.tokens(wav)
+    assert tokens.shape == (8, 1, 8)  # 2-s windows: one (zero-padded) melody frame each
+    # the 8 shard windows are distinct tones: the first level alone already tells most of them apart
+    assert len(set(tokens[:, 0, 0].tolist())) >= 4
 
 
 def test_artifact_preset_follows_the_backend(tokenizers, tmp_path):
