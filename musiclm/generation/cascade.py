@@ -11,19 +11,31 @@ Lengths beyond one training crop:
 * coarse and fine: the sequence is cut into crop-sized windows decoded as ONE batch (independent
   windows, as in AudioLM's fine stage). A last partial window is taken ending at the end and only
   its frames not covered by the previous window are kept, so all windows have the same length.
+
+Those per-stage functions (``generate_semantic`` / ``generate_coarse`` / ``generate_fine``) and
+``Cascade.generate`` are the short-clip path the Serve deployments call today. Long generation, story
+mode, batches of N, top-k / top-p, guidance and re-ranking go through ``Cascade.stream(spec)`` /
+``generate_spec(spec)``: the plan of :mod:`musiclm.generation.plan` executed with the window
+functions of :mod:`musiclm.generation.windows` (acoustic windows continue the previous window's
+second half as a prefix, and the codec decodes window by window), memory bounded by one window.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from musiclm.generation.plan import Call, drive, plan_steps
 from musiclm.generation.sampler import sample
+from musiclm.generation.spec import GenerationSpec
+from musiclm.generation.windows import ChunkDecoder, coarse_window, fine_window, semantic_window
 from musiclm.models.stages import StageConfig, describe_rates
 from musiclm.models.transformer import StageTransformer
 from musiclm.tokenizers.backends import TokenRates
@@ -298,3 +310,52 @@ class Cascade:
         """Text -> float32 audio [round(seconds * 25) * 960] at 24 kHz, reproducible for a seed."""
         tokens = self.generate_tokens(prompt, seconds, seed, temperatures)
         return self.decode(tokens["acoustic"])
+
+    # ---- long generation, story mode, batches (the plan) ----------------------------------------
+
+    @property
+    def configs(self) -> dict[str, StageConfig]:
+        return {"semantic": self.semantic.config, "coarse": self.coarse.config, "fine": self.fine.config}
+
+    def executor(self, streaming: bool | None = None) -> Callable[[Call], Any]:
+        """``execute(call) -> result`` for one run of ``plan_steps`` (it holds that run's codec state);
+        ``streaming`` as in :class:`ChunkDecoder` (None: the codec's streaming state when it has one)."""
+        decoder = ChunkDecoder(self.codec, streaming=streaming)
+        windows = {"semantic": (semantic_window, self.semantic), "coarse": (coarse_window, self.coarse),
+                   "fine": (fine_window, self.fine)}
+
+        def execute(call: Call) -> Any:
+            if call.kind in windows:
+                window, stage = windows[call.kind]
+                return window(stage.model, stage.config, **call.kwargs)
+            if call.kind == "condition":
+                with torch.inference_mode():
+                    return torch.as_tensor(self.conditioner.tokens_text(call.kwargs["prompts"])).cpu().numpy()
+            if call.kind == "decode":
+                return decoder(**call.kwargs)
+            if call.kind == "score":
+                return self.score(call.kwargs["audio"], call.kwargs["prompt"])
+            raise ValueError(f"the cascade does not execute '{call.kind}' calls")
+
+        return execute
+
+    def score(self, audio: np.ndarray, prompt: str) -> np.ndarray:
+        """MuLan text-audio cosine similarity of each row of ``audio`` [N, T] to ``prompt``: [N]."""
+        embed_audio = getattr(self.conditioner, "embed_audio", None)
+        embed_text = getattr(self.conditioner, "embed_text", None)
+        if embed_audio is None or embed_text is None:
+            raise ValueError("re-ranking needs a conditioner with embed_audio and embed_text (MuLan / CLAP)")
+        with torch.inference_mode():
+            a = F.normalize(embed_audio(torch.as_tensor(np.asarray(audio, dtype=np.float32))).float(), dim=-1)
+            t = F.normalize(embed_text([prompt]).float(), dim=-1)  # [1, D]
+        return (a @ t.T)[:, 0].cpu().numpy()  # [N]
+
+    def stream(self, spec: GenerationSpec, streaming: bool | None = None) -> Iterator[np.ndarray]:
+        """Audio chunks float32 [N, T_i] at 24 kHz as the windows finish (with ``rerank``: one chunk at the
+        end, best row first); concatenated along time they are ``generate_spec(spec)``."""
+        yield from drive(plan_steps(spec, self.configs), self.executor(streaming))
+
+    def generate_spec(self, spec: GenerationSpec, streaming: bool | None = None) -> np.ndarray:
+        """float32 audio [N, round(seconds * 25) * 960] at 24 kHz: the same spec gives the same audio, and
+        row i is the same whatever N (each row draws from its own (seed, row) streams)."""
+        return np.concatenate(list(self.stream(spec, streaming)), axis=1).astype(np.float32, copy=False)
