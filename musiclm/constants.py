@@ -28,3 +28,14 @@ SAMPLING_TEMPERATURES = {"semantic": 1.0, "coarse": 0.95, "fine": 0.4}
 # 2: token samples record ``token_info`` (backends, versions, rates) and acoustic tokens may be [F, K]
 # at the backend's rate; version-1 shards (SoundStream's [F, 12] at 50 Hz, no token_info) still train
 SHARD_SCHEMA_VERSION = 2
+
+# melody conditioning (appendix C): one 192-d embedding per 4 s of audio, 3-s hop (10 s -> 3), RVQ 24 x 512
+MELODY_DIM = 192
+MELODY_WINDOW_SECONDS = 4.0
+MELODY_HOP_SECONDS = 3.0
+MELODY_CODEBOOKS = 24
+MELODY_CODEBOOK_SIZE = 512
+
+# long generation (section 6): 30-s semantic windows advance by 15 s, keeping the last 15 s as prefix
+LONG_WINDOW_SECONDS = 30.0
+LONG_STRIDE_SECONDS = 15.0
