@@ -1,7 +1,9 @@
 """Caption manifests: the demo corpus's ``captions.jsonl`` and MusicCaps' CSV.
 
 Tokenization attaches each clip's caption and aspect list to its shard samples (MuLan trains on
-them; evaluation prompts come from them). Clips are matched by *stem*: ``gs://bucket/x/abc.flac``,
+them; evaluation prompts come from them), and its ``melody_group`` where the row has one (the
+melody embedder's triplets; a melody-pairs manifest, ``musiclm.data.melody_pairs``, is a captions
+file whose rows name their clip by ``audio``). Clips are matched by *stem*: ``gs://bucket/x/abc.flac``,
 ``abc.wav`` and the MusicCaps ``ytid`` ``abc`` all name clip ``abc``.
 """
 
@@ -61,10 +63,19 @@ def _from_jsonl(text: str, source: str) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{source}:{number}: not a JSON line ({err.msg})") from err
-        key = record.get("id") or (stem(record["file"]) if record.get("file") else None)
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}:{number}: a record must be a JSON object, got {type(record).__name__}")
+        path = record.get("file") or record.get("audio")  # "audio": a melody-pairs manifest row
+        key = record.get("id") or (stem(path) if path else None)
         if not key:
-            raise ValueError(f"{source}:{number}: record has neither 'id' nor 'file'")
-        captions[str(key)] = {"caption": str(record.get("caption", "")), "aspects": parse_aspects(record.get("aspects"))}
+            raise ValueError(f"{source}:{number}: record has neither 'id' nor 'file' (or 'audio')")
+        entry = {"caption": str(record.get("caption") or ""), "aspects": parse_aspects(record.get("aspects"))}
+        if "melody_group" in record:
+            group = record["melody_group"]
+            if group is None or isinstance(group, (dict, list, bool)) or not str(group).strip():
+                raise ValueError(f"{source}:{number}: 'melody_group' is empty (rows sharing one share a melody)")
+            entry["melody_group"] = str(group).strip()
+        captions[str(key)] = entry
     return captions
 
 
@@ -83,7 +94,8 @@ def _from_csv(text: str, source: str) -> dict[str, dict]:
 
 
 def load_captions(path_or_url: str) -> dict[str, dict]:
-    """``{clip id: {"caption": str, "aspects": list[str]}}`` from a ``captions.jsonl`` or MusicCaps CSV."""
+    """``{clip id: {"caption": str, "aspects": list[str]}}`` from a ``captions.jsonl`` or MusicCaps CSV;
+    entries of JSONL rows with a ``"melody_group"`` also carry it (a non-empty string)."""
     with fsspec.open(str(path_or_url), "r", encoding="utf-8") as f:
         text = f.read()
     if str(path_or_url).lower().split("?", 1)[0].endswith(".csv"):

@@ -89,17 +89,21 @@ def default_num_shards(num_files: int) -> int:
 # ----------------------------------------------------------------------------- captions
 
 
-def caption_lookup(captions_path: str | None) -> Callable[[str], tuple[str, list[str]]]:
-    """uri -> (caption, aspects) from a captions file (``musiclm.data.captions``); ("", []) without one."""
+def caption_lookup(captions_path: str | None) -> Callable[[str], tuple]:
+    """uri -> (caption, aspects, extra) from a captions file (``musiclm.data.captions``); ("", [], {})
+    without one. ``extra`` holds the row's ``melody_group`` when it has one (melody pairs)."""
     if not captions_path:
-        return lambda uri: ("", [])
+        return lambda uri: ("", [], {})
     from musiclm.data.captions import caption_for, load_captions
 
     table = load_captions(captions_path)
 
-    def lookup(uri: str) -> tuple[str, list[str]]:
+    def lookup(uri: str) -> tuple[str, list[str], dict[str, str]]:
         entry = caption_for(table, uri)  # matched by file stem; None for a clip without caption
-        return ("", []) if entry is None else (entry["caption"], list(entry["aspects"]))
+        if entry is None:
+            return "", [], {}
+        extra = {"melody_group": entry["melody_group"]} if "melody_group" in entry else {}
+        return entry["caption"], list(entry["aspects"]), extra
 
     return lookup
 
@@ -197,9 +201,10 @@ class ReadWindows(beam.DoFn):
         yield beam.pvalue.TaggedOutput(DEAD, sh.dead_letter(uri, reason, "read"))
 
 
-def window_metadata(window: dict[str, Any], lookup: Callable[[str], tuple[str, list[str]]], **extra: Any) -> dict:
-    """The ``json`` member: source URI, window, caption, aspects, schema version (+ tokenizer ids)."""
-    caption, aspects = lookup(window["uri"])
+def window_metadata(window: dict[str, Any], lookup: Callable[[str], tuple], **extra: Any) -> dict:
+    """The ``json`` member: source URI, window, caption, aspects, schema version (+ tokenizer ids), and
+    ``melody_group`` when the clip's caption row has one (a lookup may return just (caption, aspects))."""
+    caption, aspects, *rest = lookup(window["uri"])
     return {
         "key": window["key"],
         "source": window["uri"],
@@ -207,6 +212,7 @@ def window_metadata(window: dict[str, Any], lookup: Callable[[str], tuple[str, l
         "end": round(window["end"], 6),
         "caption": caption,
         "aspects": aspects,
+        **(rest[0] if rest else {}),
         "schema": SHARD_SCHEMA_VERSION,
         **extra,
     }

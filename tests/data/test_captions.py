@@ -79,3 +79,24 @@ def test_normalize_aspects_spells_the_vocabulary_one_way():
         "low quality", "soft female vocal"]
     assert normalize_aspects(["Techno", "techno", "128 BPM"]) == ["techno", "128 bpm"]
     assert normalize_aspects(None) == [] and normalize_aspects("") == []
+
+
+def test_jsonl_rows_keep_their_melody_group(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    rows = [
+        {"file": "audio/m_00.wav", "caption": "A hum.", "aspects": ["humming"], "melody_group": "melody_0000"},
+        {"audio": "gs://b/covers/m_01.flac", "melody_group": " song 7 "},  # a melody-pairs manifest row
+        {"file": "audio/plain.wav", "caption": "No group."},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    caps = load_captions(str(path))
+    assert caps["m_00"] == {"caption": "A hum.", "aspects": ["humming"], "melody_group": "melody_0000"}
+    assert caps["m_01"] == {"caption": "", "aspects": [], "melody_group": "song 7"}
+    assert "melody_group" not in caps["plain"]
+    for bad in ("", "   ", None, ["x"]):
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"file": "b.wav", "melody_group": bad}) + "\n")
+        with pytest.raises(ValueError, match=r"captions.jsonl:2: 'melody_group' is empty"):
+            load_captions(str(path))
+    path.write_text('["a.wav"]\n')
+    with pytest.raises(ValueError, match=":1: a record must be a JSON object"):
+        load_captions(str(path))

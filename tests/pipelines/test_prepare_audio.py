@@ -23,6 +23,7 @@ from musiclm.pipelines.prepare_audio import (
     default_num_shards,
     expand_inputs,
     run_prepare_audio,
+    window_metadata,
 )
 
 SR = 24000
@@ -175,6 +176,7 @@ def test_prepare_audio_job_dead_letters_reruns_and_resume(corpus, tmp_path):
     a0 = by_key[sh.sample_key(os.path.join(corpus["root"], "a.wav"), 0.0)]
     assert a0["json"]["start"] == 0.0 and a0["json"]["end"] == 1.0 and a0["wav"].shape == (SR,)
     assert (a0["json"]["caption"], a0["json"]["aspects"]) == ("a calm sine", ["sine", "calm"])
+    assert "melody_group" not in a0["json"]  # only rows that carry one put it in the shards
     np.testing.assert_allclose(a0["wav"], _tone(2.5, 220)[:SR], atol=1e-4)
     c1 = by_key[sh.sample_key(os.path.join(corpus["root"], "c.flac"), 0.0)]
     assert (c1["json"]["caption"], c1["json"]["aspects"]) == ("", [])  # no caption for this clip
@@ -218,3 +220,27 @@ def test_prepare_audio_on_memory_urls():
     assert sorted(s["json"]["start"] for s in samples) == [0.0, 1.0]
     assert all(s["json"]["source"].startswith("memory://") for s in samples)
     assert [Path(d["uri"]).name for d in sh.read_dead_letters(f"{base}/out")] == ["bad.wav"]
+
+
+def test_window_metadata_takes_the_melody_group_from_the_caption_row():
+    window = {"key": "k", "uri": "memory://x/a.wav", "start": 0.0, "end": 1.0}
+    plain = window_metadata(window, lambda uri: ("a tune", ["tune"]))  # a lookup of before melody groups
+    grouped = window_metadata(window, lambda uri: ("a tune", ["tune"], {"melody_group": "song 1"}), tokenizers={})
+    assert "melody_group" not in plain and grouped["melody_group"] == "song 1"
+    assert {k: v for k, v in grouped.items() if k not in ("melody_group", "tokenizers")} == plain
+
+
+def test_prepare_audio_carries_melody_groups_from_a_pairs_manifest():
+    base = f"memory://pairs-{uuid.uuid4().hex}"
+    write_wav(f"{base}/in/cover_a.wav", _tone(1.0, 220), SR)
+    write_wav(f"{base}/in/hum_a.wav", _tone(1.0, 440), SR)
+    write_wav(f"{base}/in/other.wav", _tone(1.0, 330), SR)
+    rows = [{"audio": "in/cover_a.wav", "melody_group": "song a", "caption": "a cover"},
+            {"audio": "in/hum_a.wav", "melody_group": "song a"}]
+    with fsspec.open(f"{base}/pairs.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    run_prepare_audio([f"{base}/in"], f"{base}/out", captions=f"{base}/pairs.jsonl", window_seconds=1.0,
+                      num_shards=1, progress=False)
+    meta = {Path(s["json"]["source"]).stem: s["json"] for s in sh.iter_samples(f"{base}/out", prefix="audio")}
+    assert {k: m.get("melody_group") for k, m in meta.items()} == {"cover_a": "song a", "hum_a": "song a", "other": None}
+    assert (meta["cover_a"]["caption"], meta["hum_a"]["caption"], meta["other"]["caption"]) == ("a cover", "", "")
