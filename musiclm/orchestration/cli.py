@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 STAGES = ("semantic", "coarse", "fine")
 TOKENIZER_COMPONENTS = ("soundstream", "w2vbert", "mulan", "melody")
@@ -49,6 +50,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
+    if args.corpus_kind == "melody-demo":
+        if args.melodies <= 0 or args.renditions < 2 or args.seconds <= 0:
+            raise UserError("--melodies and --seconds must be positive and --renditions at least 2")
+        from musiclm.data.melody_pairs import generate_melody_corpus, write_demo_hum
+
+        stats = generate_melody_corpus(args.out_dir, melodies=args.melodies, renditions=args.renditions,
+                                       seconds=args.seconds, seed=args.seed)
+        hum = write_demo_hum(os.path.join(args.out_dir, "hum.wav"), seed=args.seed, seconds=args.seconds)
+        print(f"wrote {stats['files']} recordings ({stats['melodies']} melodies x {stats['renditions']} renditions; "
+              f"timbres {stats['timbres']}) and captions.jsonl (a pairs manifest: melody_group per row) to "
+              f"{args.out_dir}, and a hum of {hum['melody_group']} to {hum['path']}")
+        return 0
     if args.clips <= 0 or args.seconds <= 0:
         raise UserError("--clips and --seconds must be positive")
     from musiclm.data.demo_corpus import generate_corpus
@@ -178,36 +191,105 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_spec(args: argparse.Namespace, melody_tokens: Any = None) -> Any:
+    """The GenerationSpec of ``musiclm generate``'s flags (one prompt, or ``--story``)."""
+    from musiclm.generation.spec import GenerationSpec, Segment, parse_story
+
+    if args.story and args.prompt:
+        raise UserError("give a prompt or --story, not both")
+    if not args.story and not (args.prompt or "").strip():
+        raise UserError("the prompt is empty (or give --story \"calm piano:15\" \"energetic techno:15\")")
+    segments = parse_story(args.story) if args.story else (Segment(args.prompt, args.seconds),)
+    temperatures = {k: v for k, v in (("semantic", args.t_semantic), ("coarse", args.t_coarse),
+                                      ("fine", args.t_fine)) if v is not None}
+    return GenerationSpec(segments=segments, seed=args.seed, num_samples=args.num_samples,
+                          temperatures=temperatures or None, top_k=args.top_k, top_p=args.top_p,
+                          guidance_scale=args.guidance_scale, melody_tokens=melody_tokens, rerank=args.rerank)
+
+
+def _out_paths(out: str, n: int) -> list[str]:
+    """``musiclm.wav`` for one sample; ``musiclm_0.wav``, ``musiclm_1.wav``, ... for several."""
+    if n == 1:
+        return [out]
+    base, ext = os.path.splitext(out)
+    return [f"{base}_{i}{ext or '.wav'}" for i in range(n)]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
+    import numpy as np
+
     _require_dir(args.checkpoints, "--checkpoints")
-    if not args.prompt.strip():
-        raise UserError("the prompt is empty")
     if args.seconds <= 0:
         raise UserError("--seconds must be positive")
-    from musiclm.audio import write_wav
+    if args.report_melody and not args.melody:
+        raise UserError("--report-melody needs --melody")
+    from musiclm.audio import load_audio, write_wav
     from musiclm.constants import SAMPLE_RATE
     from musiclm.generation.cascade import Cascade
 
-    temperatures = {k: v for k, v in (("semantic", args.t_semantic), ("coarse", args.t_coarse), ("fine", args.t_fine)) if v is not None}
+    _generation_spec(args)  # refuse bad flags before loading any model
+    melody_wav = melody_tokens = None
+    if args.melody:
+        from musiclm.tokenizers.melody import has_melody, load_melody_tokenizer
+
+        if not os.path.isfile(args.melody):
+            raise UserError(f"--melody {args.melody}: no such file")
+        if not has_melody(args.checkpoints):
+            raise UserError(f"{args.checkpoints} has no melody tokenizer (melody/ and melody_rvq/): "
+                            "train it with `musiclm train melody` and `musiclm fit melody_rvq`")
+        import torch
+
+        melody_wav = load_audio(args.melody)  # mono float32 at 24 kHz
+        with torch.inference_mode():
+            melody_tokens = load_melody_tokenizer(args.checkpoints).tokens(torch.from_numpy(melody_wav)[None])[0].numpy()  # [Fm, Q]
+    spec = _generation_spec(args, melody_tokens)
     cascade = Cascade.load(args.checkpoints)
+    if melody_tokens is not None and not cascade.semantic.config.melody_codebooks:
+        raise UserError("these stages were trained without melody conditioning: train them on shards with "
+                        "melody tokens (--option melody=true), or leave out --melody")
     start = time.perf_counter()
-    wav = cascade.generate(args.prompt, seconds=args.seconds, seed=args.seed, temperatures=temperatures or None)
+    chunks, first = [], None
+    for chunk in cascade.stream(spec):  # [N, T_chunk] as each window finishes
+        first = first if first is not None else time.perf_counter() - start
+        chunks.append(chunk)
+        done = sum(c.shape[1] for c in chunks) / SAMPLE_RATE
+        print(f"\r{done:6.1f} / {spec.seconds:g} s of audio ({time.perf_counter() - start:6.1f} s)", end="", flush=True)
+    print()
     elapsed = time.perf_counter() - start
-    write_wav(args.out, wav, SAMPLE_RATE)
-    seconds = len(wav) / SAMPLE_RATE
-    print(f"wrote {args.out}: {seconds:.2f} s of audio in {elapsed:.2f} s (real-time factor {elapsed / seconds:.2f})")
+    audio = np.concatenate(chunks, axis=1)  # [N, T]
+    seconds = audio.shape[1] / SAMPLE_RATE
+    for path, wav in zip(_out_paths(args.out, len(audio)), audio):
+        write_wav(path, wav, SAMPLE_RATE)
+        print(f"wrote {path}")
+    print(f"{len(audio)} x {seconds:.2f} s of audio in {elapsed:.2f} s (real-time factor {elapsed / seconds:.2f}; "
+          f"first audio after {first:.2f} s)")
+    if args.report_melody:
+        from dataclasses import replace
+
+        from musiclm.evaluation.melody import melody_adherence
+
+        plain = cascade.generate_spec(replace(spec, melody_tokens=None))  # the same request without the melody
+        with_melody = [melody_adherence(melody_wav, wav) for wav in audio]
+        without = [melody_adherence(melody_wav, wav) for wav in plain]
+        print(f"melody adherence (chroma similarity to {args.melody}, 1 = same melody): "
+              f"{np.mean(with_melody):.3f} with the melody, {np.mean(without):.3f} without it")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _require_dir(args.checkpoints, "--checkpoints")
+    from dataclasses import replace
+
     from musiclm.orchestration.serve import ServeConfig, run_server
 
-    config = ServeConfig(checkpoints=args.checkpoints, host=args.host, port=args.port, max_seconds=args.max_seconds)
-    if args.address:
-        config.address = args.address
+    if args.config and not os.path.isfile(args.config):
+        raise UserError(f"--config {args.config}: no such file")
+    config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    given = {key: getattr(args, key) for key in ("checkpoints", "host", "port", "max_seconds", "address")
+             if getattr(args, key) is not None}
+    config = replace(config, **given)  # flags win over the YAML
+    _require_dir(config.checkpoints, "--checkpoints (or checkpoints: in --config)")
     run_server(config, blocking=True)
     return 0
 
@@ -250,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_corpus.add_argument("--clips", type=int, default=200)
     demo_corpus.add_argument("--seconds", type=float, default=10.0)
     demo_corpus.add_argument("--seed", type=int, default=0)
+    melody_corpus = corpus_sub.add_parser(
+        "melody-demo", help="melody pairs: each melody in several renditions (instrument, key, tempo, hum, whistle)")
+    melody_corpus.add_argument("out_dir")
+    melody_corpus.add_argument("--melodies", type=int, default=16)
+    melody_corpus.add_argument("--renditions", type=int, default=4)
+    melody_corpus.add_argument("--seconds", type=float, default=10.0)
+    melody_corpus.add_argument("--seed", type=int, default=0)
 
     beam_help = "any further options (--runner DataflowRunner --project ... ) go to Beam unchanged"
     prepare = sub.add_parser("prepare", help="Beam job: crop and resample audio into FLAC audio shards", epilog=beam_help)
@@ -332,21 +421,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="backend option, e.g. bandwidth=6.0 (encodec), layer=6 (hubert) (repeatable)")
 
     generate = sub.add_parser("generate", help="text → music with the trained cascade")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", nargs="?", help="what the music should be (or --story)")
     generate.add_argument("--checkpoints", required=True)
-    generate.add_argument("--seconds", type=float, default=10.0)
+    generate.add_argument("--seconds", type=float, default=10.0, help="length (any, e.g. 300 for 5 minutes)")
+    generate.add_argument("--story", nargs="+", metavar="PROMPT:SECONDS",
+                          help='story mode: --story "calm piano:15" "energetic techno:15"')
+    generate.add_argument("--melody", metavar="WAV", help="a hummed / whistled / played melody to follow")
+    generate.add_argument("--report-melody", action="store_true",
+                          help="also generate without the melody and print both melody-adherence scores")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--num-samples", type=int, default=1, help="samples in one batch (out_0.wav, ...)")
+    generate.add_argument("--rerank", action="store_true", help="order the samples by MuLan text-audio score")
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--guidance-scale", type=float, default=1.0,
+                          help="classifier-free guidance (1 = none; > 1 follows the prompt more closely)")
     generate.add_argument("--out", default="musiclm.wav")
     generate.add_argument("--t-semantic", type=float)
     generate.add_argument("--t-coarse", type=float)
     generate.add_argument("--t-fine", type=float)
 
-    serve = sub.add_parser("serve", help="host the cascade with Ray Serve over HTTP")
-    serve.add_argument("--checkpoints", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-seconds", type=float, default=30.0)
-    serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    serve = sub.add_parser("serve", help="host the cascade with Ray Serve over HTTP (a web page at /)")
+    serve.add_argument("--config", help="YAML: replicas, CPU/GPU fractions, autoscaling, batching and limits "
+                                        "per deployment (see examples/serve.yaml); flags below override it")
+    serve.add_argument("--checkpoints")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--max-seconds", type=float, help="longest request (default 300)")
+    serve.add_argument("--address", help="deploy to this Ray cluster, e.g. ray://head:10001 (default: a local Ray)")
 
     demo = sub.add_parser("demo", help="the whole pipeline once on a generated corpus, with a report")
     demo.add_argument("--workdir", default="musiclm-demo")

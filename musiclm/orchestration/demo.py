@@ -1,8 +1,10 @@
 """``musiclm demo``: the whole system once, on this machine, with a report.
 
-corpus → audio shards (Beam) → SoundStream, w2v-BERT, MuLan (Ray Train) → k-means, MuLan RVQ
-→ token shards (Beam) → semantic, coarse, fine stages (Ray Train) → Ray Serve → POST /generate
-→ WAV + spectrogram + report. Every step runs the same public function its CLI command runs, so
+corpus + melody pairs → audio shards (Beam) → SoundStream, w2v-BERT, MuLan, melody embedder (Ray Train)
+→ k-means, MuLan RVQ, melody RVQ → token shards with melody tokens (Beam) → semantic, coarse, fine stages
+with melody conditioning (Ray Train) → Ray Serve → POST /generate → WAV + spectrogram; a hummed melody
+followed (adherence with and without it) and a two-prompt story (spectral flux at the joins, tempo)
+→ report. Every step runs the same public function its CLI command runs, so
 the working folder can be reused by each command afterwards. A step whose output already exists is
 skipped (the demo resumes after an interruption).
 """
@@ -28,6 +30,10 @@ class DemoConfig:
     preset: str = "tiny"
     prompt: str = "an upbeat techno track with a pulsing synth bass and a four-on-the-floor kick"
     generate_seconds: float = 10.0
+    melodies: int = 24  # melody groups of the pairs corpus the melody embedder trains on ...
+    renditions: int = 4  # ... each rendered this many times (instrument, key of accompaniment, tempo, hum, whistle)
+    story: tuple[tuple[str, float], ...] = (("calm solo piano, slow and gentle", 10.0),
+                                             ("energetic techno with a pounding kick", 10.0))
     # training steps per component: the whole demo measured 11.3 min on 2 cores with 300/200/150/150/120/80 steps;
     # these (≈ +4 min) keep it well inside 20 minutes
     steps: dict[str, int] = field(
@@ -35,6 +41,7 @@ class DemoConfig:
             "soundstream": 400,
             "w2vbert": 200,
             "mulan": 150,
+            "melody": 120,
             "semantic": 250,
             "coarse": 200,
             "fine": 140,
@@ -72,6 +79,7 @@ def run_demo(config: DemoConfig) -> Path:
     import torch
 
     from musiclm.data.demo_corpus import generate_corpus
+    from musiclm.data.melody_pairs import generate_melody_corpus, write_demo_hum
     from musiclm.pipelines.prepare_audio import run_prepare_audio
     from musiclm.pipelines.tokenize import run_tokenize
     from musiclm.training.fitting import fit_component
@@ -85,12 +93,19 @@ def run_demo(config: DemoConfig) -> Path:
     results: dict[str, Any] = {"config": {"clips": config.n_clips, "heldout_clips": config.heldout_clips,
                                           "seconds": config.seconds, "seed": config.seed, "preset": config.preset}}
 
+    melody_corpus, hum = work / "melody-corpus", work / "hum.wav"
     with timer.step("corpus"):
         if not _done(corpus / "captions.jsonl"):
             generate_corpus(corpus, clips=config.n_clips, seconds=config.seconds, seed=config.seed)
         if not _done(heldout / "captions.jsonl"):
             # another seed: none of these clips is seen by any training step
             generate_corpus(heldout, clips=config.heldout_clips, seconds=config.seconds, seed=config.seed + 10_000)
+        if not _done(melody_corpus / "captions.jsonl"):
+            generate_melody_corpus(str(melody_corpus), melodies=config.melodies, renditions=config.renditions,
+                                   seconds=config.seconds, seed=config.seed)
+        if not _done(hum):
+            # a melody of another seed: the demo follows a tune it never trained on
+            write_demo_hum(str(hum), seed=config.seed + 20_000, seconds=config.generate_seconds)
 
     with timer.step("prepare audio shards (Beam)"):
         if not _done(shards / "audio" / "manifest.json"):
@@ -98,20 +113,26 @@ def run_demo(config: DemoConfig) -> Path:
                 [str(corpus / "audio")], str(shards / "audio"), captions=str(corpus / "captions.jsonl"),
                 window_seconds=config.seconds,
             )
+        if not _done(shards / "melody-audio" / "manifest.json"):
+            results["prepare_melody_audio"] = run_prepare_audio(
+                [str(melody_corpus / "audio")], str(shards / "melody-audio"),
+                captions=str(melody_corpus / "captions.jsonl"), window_seconds=config.seconds,
+            )
 
-    def train_component(name: str, data: Path) -> None:
+    def train_component(name: str, data: Path, **options: Any) -> None:
         with timer.step(f"train {name} (Ray Train)"):
             results.setdefault("training", {})[name] = train(
                 name, str(data), str(ckpt / name), preset=config.preset, workers=1,
-                max_steps=config.steps[name], log_every=20,
+                max_steps=config.steps[name], log_every=20, learner_options=options or None,
             )
 
     for name in ("soundstream", "w2vbert", "mulan"):
         train_component(name, shards / "audio")
+    train_component("melody", shards / "melody-audio")
 
-    for name in ("semantic_kmeans", "mulan_rvq"):
+    for name, data in (("semantic_kmeans", "audio"), ("mulan_rvq", "audio"), ("melody_rvq", "melody-audio")):
         with timer.step(f"fit {name}"):
-            fit_component(name, str(shards / "audio"), str(ckpt))
+            fit_component(name, str(shards / data), str(ckpt))
 
     with timer.step("tokenize corpus (Beam)"):
         results["tokenize"] = run_tokenize([str(corpus / "audio")], str(shards / "tokens"), str(ckpt),
@@ -120,10 +141,13 @@ def run_demo(config: DemoConfig) -> Path:
                                                    str(ckpt), captions=str(heldout / "captions.jsonl"))
 
     for name in ("semantic", "coarse", "fine"):
-        train_component(name, shards / "tokens")
+        train_component(name, shards / "tokens", melody=True)
 
     with timer.step("serve (Ray Serve) and POST /generate"):
         results["serve"] = _serve_and_request(config, ckpt, work)
+
+    with timer.step("melody conditioning and story mode (in-process cascade)"):
+        results["melody"], results["story"] = _melody_and_story(config, ckpt, hum, work)
 
     with timer.step("evaluate on held-out clips"):
         results["learning"] = _evaluate(ckpt, heldout, shards, work, np=np, torch=torch)
@@ -177,6 +201,67 @@ def _serve_and_request(config: DemoConfig, ckpt: Path, work: Path) -> dict[str, 
         "real_time_factor": round(latency / config.generate_seconds, 3),
         "wav": str(wav_path), "spectrogram": str(work / "generated.png"),
         "bad_request_status": bad.status_code, "bad_request_body": bad.json(),
+    }
+
+
+def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``musiclm generate --melody hum.wav --report-melody`` and ``--story`` measure: melody adherence
+    with and without the hum (same prompt and seed), and the continuity of a two-prompt story."""
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from musiclm.audio import load_audio, write_wav
+    from musiclm.constants import SAMPLE_RATE
+    from musiclm.evaluation.continuity import spectral_flux_at_joins, tempo_bpm
+    from musiclm.evaluation.melody import adherence_report
+    from musiclm.generation.cascade import Cascade
+    from musiclm.generation.plan import join_seconds
+    from musiclm.generation.spec import GenerationSpec, Segment
+    from musiclm.tokenizers.melody import load_melody_tokenizer
+
+    cascade = Cascade.load(ckpt)
+    hum_wav = load_audio(str(hum))
+    with torch.inference_mode():
+        melody_tokens = load_melody_tokenizer(ckpt).tokens(torch.from_numpy(hum_wav)[None])[0].numpy()  # [Fm, Q]
+    spec = GenerationSpec.single(config.prompt, config.generate_seconds, seed=config.seed, num_samples=2,
+                                 melody_tokens=melody_tokens)
+    start = time.perf_counter()
+    conditioned = cascade.generate_spec(spec)  # [N, T]
+    melody_seconds = time.perf_counter() - start
+    unconditioned = cascade.generate_spec(replace(spec, melody_tokens=None))
+    write_wav(str(work / "generated_melody.wav"), conditioned[0], SAMPLE_RATE)
+    per_row = [adherence_report(hum_wav, {"conditioned": c, "unconditioned": u})
+               for c, u in zip(conditioned, unconditioned)]
+    melody = {
+        "hum": str(hum), "samples": len(per_row), "generation_seconds": round(melody_seconds, 1),
+        "conditioned": round(float(np.mean([r["scores"]["conditioned"] for r in per_row])), 4),
+        "unconditioned": round(float(np.mean([r["scores"]["unconditioned"] for r in per_row])), 4),
+        "per_sample": per_row, "wav": str(work / "generated_melody.wav"),
+    }
+
+    story = GenerationSpec(segments=tuple(Segment(p, s) for p, s in config.story), seed=config.seed)
+    start = time.perf_counter()
+    first, chunks = None, []
+    for chunk in cascade.stream(story):
+        first = first if first is not None else time.perf_counter() - start
+        chunks.append(chunk)
+    elapsed = time.perf_counter() - start
+    wav = np.concatenate(chunks, axis=1)[0]
+    write_wav(str(work / "story.wav"), wav, SAMPLE_RATE)
+    _spectrogram(work / "story.wav", work / "story.png", title=" → ".join(p for p, _ in config.story))
+    joins = join_seconds(story, cascade.configs)
+    edges = np.cumsum([0.0] + [s for _, s in config.story])
+    flux = {stage: spectral_flux_at_joins(wav, [t for t in times if 0 < t < story.seconds])
+            for stage, times in joins.items() if any(0 < t < story.seconds for t in times)}
+    return melody, {
+        "segments": [list(s) for s in config.story], "audio_seconds": round(len(wav) / SAMPLE_RATE, 2),
+        "generation_seconds": round(elapsed, 1), "real_time_factor": round(elapsed / (len(wav) / SAMPLE_RATE), 2),
+        "first_audio_seconds": round(first or 0.0, 2), "chunks": len(chunks),
+        "tempo_bpm": [round(tempo_bpm(wav[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)]), 1)
+                      for a, b in zip(edges[:-1], edges[1:])],
+        "spectral_flux_at_joins": flux, "wav": str(work / "story.wav"), "spectrogram": str(work / "story.png"),
     }
 
 
@@ -275,6 +360,27 @@ def _report_markdown(results: dict[str, Any], work: Path) -> str:
             s = learning[stage]
             lines.append(f"| {stage} stage | cross-entropy nats/token | {s['cross_entropy']:.3f} | "
                          f"{s['unigram_cross_entropy']:.3f} (unigram), {s['uniform_cross_entropy']:.3f} (uniform) |")
+    melody_eval = (results.get("training", {}).get("melody") or {}).get("eval") or {}
+    if "r1" in melody_eval:
+        lines.append(f"| melody embedder | same-melody R@1 on held-out renditions | {melody_eval['r1']:.3f} | "
+                     f"{melody_eval.get('chance_r1', float('nan')):.3f} (chance) |")
+    melody = results.get("melody")
+    if melody:
+        lines += ["", "## Melody conditioning", "",
+                  f"The same prompt and seeds ({melody['samples']} samples), generated with and without the hum "
+                  f"`{melody['hum']}` (a tune the melody embedder never trained on): melody adherence (chroma of the "
+                  f"predominant pitch, aligned, 0 = chance, 1 = the same melody) **{melody['conditioned']:.3f} with the "
+                  f"melody, {melody['unconditioned']:.3f} without it**. Audio: `{melody['wav']}`."]
+    story = results.get("story")
+    if story:
+        flux = "; ".join(f"{stage} joins {v['joins']:.3g} vs elsewhere {v['elsewhere']:.3g} (ratio {v['ratio']:.2f})"
+                         for stage, v in story["spectral_flux_at_joins"].items())
+        lines += ["", "## Story mode", "",
+                  f"{' → '.join(f'{p} ({s:g} s)' for p, s in story['segments'])}: {story['audio_seconds']:g} s in "
+                  f"{story['generation_seconds']:g} s (real-time factor {story['real_time_factor']}), first audio after "
+                  f"{story['first_audio_seconds']} s, {story['chunks']} chunks. Tempo per segment (bpm): "
+                  f"{', '.join(f'{t:g}' for t in story['tempo_bpm'])}. Spectral flux at window joins: {flux} "
+                  f"(a click would give a ratio well above 1). Audio `{story['wav']}`, spectrogram `{story['spectrogram']}`."]
     lines += ["", "## Timings (wall seconds)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings_seconds"].items()]
     serve = results.get("serve", {})

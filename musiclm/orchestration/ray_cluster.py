@@ -21,6 +21,9 @@ QUIET_ENV = {
 }
 
 
+_SET_ADDRESS: list[bool] = []  # whether connect() set RAY_ADDRESS (shutdown() then unsets it)
+
+
 def quiet_ray_env() -> None:
     """Set the environment that keeps Ray quiet and offline (only variables the user has not set)."""
     for key, value in QUIET_ENV.items():
@@ -66,6 +69,12 @@ def connect(
                 **common,
             )
         root.setLevel(level)
+        # Ray Train's placement-group cleaner asks the state API for "the" cluster without an address:
+        # with a second Ray on the machine (another user's, another job's) it raises "Found multiple
+        # active Ray instances" on every run. Name ours for this process (children inherit it).
+        if "RAY_ADDRESS" not in os.environ and not str(address or "").startswith("ray://"):
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+            _SET_ADDRESS.append(True)
     return dict(ray.cluster_resources())
 
 
@@ -82,3 +91,6 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    if _SET_ADDRESS:
+        os.environ.pop("RAY_ADDRESS", None)
+        _SET_ADDRESS.clear()

@@ -1,18 +1,20 @@
-"""What the HTTP endpoint accepts, and how the server is configured.
+"""What the HTTP endpoint accepts.
 
 The request model is strict on purpose: a client that sends ``"seconds": "ten"`` or a field the
 server does not know gets a 4xx naming that field, never a silently coerced value. The limits that
-depend on the deployment (longest clip, longest prompt) are not baked into the model: they come in
-through pydantic's validation *context*, so one model serves every ``ServeConfig``::
+depend on the deployment (longest clip, longest prompt, story length, samples per call) are not
+baked into the model: they come in through pydantic's validation *context*, so one model serves
+every ``ServeConfig``::
 
-    GenerateRequest.model_validate(body, context={"max_seconds": 30.0, "max_prompt_chars": 500})
+    GenerateRequest.model_validate(body, context=config.limits())
+
+A request is either one ``prompt`` for ``seconds``, or a ``story``: a list of ``{"prompt", "seconds"}``
+segments played one after the other (the conditioning changes at each boundary).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import (
@@ -23,22 +25,63 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from musiclm.constants import SAMPLING_TEMPERATURES
+from musiclm.constants import SAMPLING_TEMPERATURES, SEMANTIC_FRAME_RATE
+from musiclm.orchestration.serve_config import (
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_SECONDS,
+    DEPLOYMENTS,
+    ServeConfig,
+)
 
-DEFAULT_MAX_SECONDS = 30.0
-DEFAULT_MAX_PROMPT_CHARS = 500
 MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**31 - 1
+MAX_TOP_K = 65_536
+MAX_GUIDANCE_SCALE = 20.0
+DEFAULT_MAX_STORY_SEGMENTS = 16
+DEFAULT_MAX_NUM_SAMPLES = 4
 STAGES = ("semantic", "coarse", "fine")
-DEPLOYMENTS = ("ingress", "conditioner", "semantic", "coarse", "fine", "codec")
 
 
 def _limit(info: ValidationInfo, name: str, default: float) -> float:
     context = info.context or {}
     return context.get(name, default)
+
+
+def _check_prompt(value: str, info: ValidationInfo) -> str:
+    limit = int(_limit(info, "max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS))
+    if not value:
+        raise PydanticCustomError("prompt_empty", "prompt must contain some text (it is empty or only whitespace)")
+    if len(value) > limit:
+        raise PydanticCustomError(
+            "prompt_too_long",
+            "prompt has {length} characters; at most {limit} are allowed",
+            {"length": len(value), "limit": limit},
+        )
+    if "\x00" in value:
+        raise PydanticCustomError("prompt_nul", "prompt must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+        raise PydanticCustomError(
+            "prompt_encoding", "prompt must be valid Unicode text (it holds a lone surrogate)"
+        ) from None
+    return value
+
+
+def _check_seconds(value: float, info: ValidationInfo) -> float:
+    limit = float(_limit(info, "max_seconds", DEFAULT_MAX_SECONDS))
+    if not math.isfinite(value) or value > limit:
+        raise PydanticCustomError(
+            "seconds_too_long", "seconds must be at most {limit} on this server", {"limit": f"{limit:g}"}
+        )
+    return value
+
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True)]
 
 
 class Temperatures(BaseModel):
@@ -55,53 +98,170 @@ class Temperatures(BaseModel):
         return {stage: getattr(self, stage) or SAMPLING_TEMPERATURES[stage] for stage in STAGES}
 
 
+class StorySegment(BaseModel):
+    """One segment of a story: its prompt holds for ``seconds``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: Prompt = Field(description="Text description of this segment's music.")
+    seconds: float = Field(gt=0, description="Length of this segment in seconds.")
+
+    _prompt = field_validator("prompt")(_check_prompt)
+    _seconds = field_validator("seconds")(_check_seconds)
+
+
 class GenerateRequest(BaseModel):
-    """Body of ``POST /generate``: text prompt → ``seconds`` of 24 kHz music."""
+    """Body of ``POST /generate`` (and the ``request`` part of ``POST /generate/melody``)."""
 
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         allow_inf_nan=False,
-        json_schema_extra={"examples": [{"prompt": "a calm piano melody with soft strings", "seconds": 5.0}]},
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a calm piano melody with soft strings", "seconds": 5.0},
+                {"story": [{"prompt": "calm piano", "seconds": 15}, {"prompt": "energetic techno", "seconds": 15}]},
+            ]
+        },
     )
 
-    prompt: Annotated[str, StringConstraints(strip_whitespace=True)] = Field(
-        description=f"Text description of the music (at most {DEFAULT_MAX_PROMPT_CHARS} characters by default)."
+    prompt: Prompt | None = Field(
+        default=None,
+        description=f"Text description of the music (at most {DEFAULT_MAX_PROMPT_CHARS} characters by default). "
+        "Give either prompt (with seconds) or story.",
     )
-    seconds: float = Field(
-        gt=0, description=f"Length of the clip in seconds (at most {DEFAULT_MAX_SECONDS:g} by default)."
+    story: list[StorySegment] | None = Field(
+        default=None,
+        min_length=1,
+        description="Story mode: segments played in order, the conditioning changing at each boundary.",
     )
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same seed, same prompt: same audio.")
+    seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description=f"Length of the clip in seconds with a prompt (at most {DEFAULT_MAX_SECONDS:g} by default).",
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same seed, same request: same audio.")
+    num_samples: int = Field(
+        default=1, ge=1, description=f"Samples drawn in one call (at most {DEFAULT_MAX_NUM_SAMPLES} by default)."
+    )
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="Sample among the k likeliest tokens.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling: the smallest set of mass p.")
+    guidance_scale: float = Field(
+        default=1.0, ge=0, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance (1 = none)."
+    )
     temperatures: Temperatures | None = Field(
         default=None, description="Sampling temperatures per stage, each in (0, 5]."
     )
+    rerank: bool = Field(default=False, description="Return the best of num_samples by MuLan text-audio score.")
+    stream: bool = Field(default=False, description="Chunked WAV: audio is sent as each window finishes.")
 
-    @field_validator("prompt")
+    _prompt = field_validator("prompt")(lambda value, info: None if value is None else _check_prompt(value, info))
+    _seconds = field_validator("seconds")(lambda value, info: None if value is None else _check_seconds(value, info))
+
+    @field_validator("seed", "num_samples", "top_k", mode="before")
     @classmethod
-    def _prompt_length(cls, value: str, info: ValidationInfo) -> str:
-        limit = int(_limit(info, "max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS))
-        if not value:
-            raise PydanticCustomError("prompt_empty", "prompt must contain some text (it is empty or only whitespace)")
-        if len(value) > limit:
+    def _integral(cls, value: Any) -> Any:
+        """JSON Schema counts 3.0 as an integer: take it as 3 (3.5, "3" and true stay refused)."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return int(value)
+        return value
+
+    @field_validator("story")
+    @classmethod
+    def _story_length(cls, value: list[StorySegment] | None, info: ValidationInfo) -> list[StorySegment] | None:
+        limit = int(_limit(info, "max_story_segments", DEFAULT_MAX_STORY_SEGMENTS))
+        if value is not None and len(value) > limit:
             raise PydanticCustomError(
-                "prompt_too_long",
-                "prompt has {length} characters; at most {limit} are allowed",
+                "story_too_long", "story has {length} segments; at most {limit} are allowed",
                 {"length": len(value), "limit": limit},
             )
         return value
 
-    @field_validator("seconds")
+    @field_validator("num_samples")
     @classmethod
-    def _seconds_limit(cls, value: float, info: ValidationInfo) -> float:
-        limit = float(_limit(info, "max_seconds", DEFAULT_MAX_SECONDS))
-        if not math.isfinite(value) or value > limit:
+    def _samples_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = int(_limit(info, "max_num_samples", DEFAULT_MAX_NUM_SAMPLES))
+        if value > limit:
             raise PydanticCustomError(
-                "seconds_too_long", "seconds must be at most {limit} on this server", {"limit": f"{limit:g}"}
+                "too_many_samples", "num_samples must be at most {limit} on this server", {"limit": limit}
             )
         return value
 
+    @model_validator(mode="after")
+    def _one_mode(self, info: ValidationInfo) -> GenerateRequest:
+        def refuse(field: str, message: str) -> PydanticCustomError:
+            return PydanticCustomError("request_invalid", "{detail}", {"field": field, "detail": message})
+
+        if self.prompt is None and self.story is None:
+            raise refuse("prompt", "field 'prompt' is required (or give a 'story' instead)")
+        if self.prompt is not None and self.story is not None:
+            raise refuse("story", "give either 'prompt' (with 'seconds') or 'story', not both")
+        if self.prompt is not None and self.seconds is None:
+            raise refuse("seconds", "field 'seconds' is required with a prompt")
+        if self.story is not None and self.seconds is not None:
+            raise refuse("seconds", "with a story, each segment carries its own 'seconds'; leave 'seconds' out")
+        limit = float(_limit(info, "max_seconds", DEFAULT_MAX_SECONDS))
+        if self.total_seconds > limit:
+            raise refuse("story", f"the story lasts {self.total_seconds:g} s; at most {limit:g} s on this server")
+        if self.rerank and self.num_samples < 2:
+            raise refuse("rerank", "rerank chooses among num_samples candidates: ask for num_samples >= 2")
+        if self.rerank and self.stream:
+            raise refuse("stream", "a reranked answer cannot stream (every candidate must finish first)")
+        return self
+
+    @property
+    def segments(self) -> list[tuple[str, float]]:
+        """``[(prompt, seconds)]``: one segment for a prompt, the story's otherwise."""
+        if self.story is not None:
+            return [(segment.prompt, segment.seconds) for segment in self.story]
+        return [(str(self.prompt), float(self.seconds or 0.0))]
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(seconds for _, seconds in self.segments))
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(len(prompt) for prompt, _ in self.segments)
+
     def resolved_temperatures(self) -> dict[str, float]:
         return (self.temperatures or Temperatures()).resolved()
+
+
+def request_json_schema(limits: dict[str, Any] | None = None, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """``GenerateRequest``'s JSON schema with one server's limits written in (maximum seconds, prompt length,
+    story length, samples) and the prompt-or-story rule as ``anyOf``: what the OpenAPI document shows
+    clients, and what schema-driven fuzzers generate valid requests from."""
+    limits = {"max_seconds": DEFAULT_MAX_SECONDS, "max_prompt_chars": DEFAULT_MAX_PROMPT_CHARS,
+              "max_story_segments": DEFAULT_MAX_STORY_SEGMENTS, "max_num_samples": DEFAULT_MAX_NUM_SAMPLES,
+              **(limits or {})}
+    schema = GenerateRequest.model_json_schema(ref_template=ref_template)
+
+    def patch(node: dict[str, Any], kind: str, **bounds: Any) -> None:
+        for branch in node.get("anyOf", [node]):
+            if branch.get("type") == kind:
+                branch.update(bounds)
+
+    props = schema["properties"]
+    for name in ("prompt", "seconds", "story"):  # null is taken as absent; documented: present or left out
+        branches = [b for b in props[name].pop("anyOf") if b.get("type") != "null"]
+        props[name].update(branches[0])
+        props[name].pop("default", None)
+    minimum = 1.0 / SEMANTIC_FRAME_RATE  # one semantic frame (a story's segments are rounded cumulatively)
+    patch(props["prompt"], "string", maxLength=int(limits["max_prompt_chars"]))
+    patch(props["seconds"], "number", maximum=float(limits["max_seconds"]), minimum=minimum)
+    patch(props["story"], "array", maxItems=int(limits["max_story_segments"]))
+    props["num_samples"]["maximum"] = int(limits["max_num_samples"])
+    segment = schema["$defs"]["StorySegment"]["properties"]
+    patch(segment["prompt"], "string", maxLength=int(limits["max_prompt_chars"]))
+    patch(segment["seconds"], "number", maximum=float(limits["max_seconds"]), minimum=minimum)
+    schema["anyOf"] = [{"required": ["prompt", "seconds"]}, {"required": ["story"]}]
+    short = min(5.0, float(limits["max_seconds"]))  # examples this server accepts
+    schema["examples"] = [
+        {"prompt": "a calm piano melody with soft strings", "seconds": short},
+        {"story": [{"prompt": "calm piano", "seconds": short / 2}, {"prompt": "energetic techno", "seconds": short / 2}]},
+    ]
+    return schema
 
 
 def error_field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -118,7 +278,10 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> dict[str, str]:
         return {"field": "body", "message": "invalid request"}
     first = errors[0]
     name = error_field(first.get("loc", ()))
-    message = first.get("msg", "invalid value")
+    context = first.get("ctx") or {}
+    if name == "body" and isinstance(context.get("field"), str):  # a whole-request rule names its field
+        name = context["field"]
+    message = str(first.get("msg", "invalid value"))
     if first.get("type") == "extra_forbidden":
         message = f"unknown field '{name}'"
     elif first.get("type") == "missing":
@@ -128,85 +291,33 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> dict[str, str]:
     return {"field": name, "message": message}
 
 
-def parse_generate_request(data: Any, *, max_seconds: float, max_prompt_chars: int) -> GenerateRequest:
+def parse_generate_request(
+    data: Any,
+    *,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    max_story_segments: int = DEFAULT_MAX_STORY_SEGMENTS,
+    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES,
+) -> GenerateRequest:
     """Validate a decoded JSON body against this server's limits (raises ``ValidationError``)."""
-    return GenerateRequest.model_validate(
-        data, context={"max_seconds": max_seconds, "max_prompt_chars": max_prompt_chars}
-    )
-
-
-def _default_num_cpus() -> dict[str, float]:
-    # 1.4 CPUs in all: the whole application fits a 2-core laptop with room for the Serve proxy.
-    return {"ingress": 0.1, "conditioner": 0.2, "semantic": 0.3, "coarse": 0.3, "fine": 0.3, "codec": 0.2}
-
-
-def _default_zero() -> dict[str, float]:
-    return {name: 0.0 for name in DEPLOYMENTS}
-
-
-def _default_one() -> dict[str, int]:
-    return {name: 1 for name in DEPLOYMENTS}
-
-
-@dataclass
-class ServeConfig:
-    """Everything ``build_app`` / ``run_server`` need. Per-deployment dicts are keyed by ``DEPLOYMENTS``.
-
-    Ray Serve reserves one whole CPU per replica unless told otherwise, which would hang six
-    deployments on a 2-core machine: the defaults are fractions (1.4 CPUs in all). On a GPU cluster,
-    give the stages ``num_gpus`` (fractions allowed) and more ``num_replicas``.
-    """
-
-    checkpoints: str = "checkpoints"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_seconds: float = DEFAULT_MAX_SECONDS
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
-    num_cpus: dict[str, float] = field(default_factory=_default_num_cpus)
-    num_gpus: dict[str, float] = field(default_factory=_default_zero)
-    num_replicas: dict[str, int] = field(default_factory=_default_one)
-    max_ongoing_requests: int = 1  # per model replica: a stage samples one request at a time (KV cache)
-    ingress_max_ongoing_requests: int = 32  # requests the ingress walks through the stages at once
-    max_queued_requests: int = 64  # beyond this the ingress answers 503 instead of queueing
-    request_timeout_s: float = 300.0  # a generation that takes longer answers 504
-    max_body_bytes: int = 65_536
-    torch_threads: int | None = None  # None: leave torch's default in each replica
-    preset: str | None = None  # refuse checkpoints of another preset when set
-    address: str | None = None  # Ray cluster address; None starts (or joins) a local Ray
-    app_name: str = "musiclm"
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus", "num_replicas"):
-            value = getattr(self, name)
-            unknown = set(value) - set(DEPLOYMENTS)
-            if unknown:
-                raise ValueError(f"ServeConfig.{name} has unknown deployment(s) {sorted(unknown)}; use {DEPLOYMENTS}")
-            defaults = {"num_cpus": _default_num_cpus, "num_gpus": _default_zero, "num_replicas": _default_one}[name]()
-            setattr(self, name, {**defaults, **value})
-        if self.max_seconds <= 0:
-            raise ValueError("ServeConfig.max_seconds must be > 0")
-        if self.max_prompt_chars < 1:
-            raise ValueError("ServeConfig.max_prompt_chars must be >= 1")
-        if self.request_timeout_s <= 0:
-            raise ValueError("ServeConfig.request_timeout_s must be > 0")
-        if any(v < 0 for v in self.num_cpus.values()) or any(v < 0 for v in self.num_gpus.values()):
-            raise ValueError("ServeConfig.num_cpus / num_gpus must be >= 0")
-        if self.max_ongoing_requests < 1 or self.ingress_max_ongoing_requests < 1:
-            raise ValueError("ServeConfig.max_ongoing_requests / ingress_max_ongoing_requests must be >= 1")
-        if any(v < 1 for v in self.num_replicas.values()):
-            raise ValueError("ServeConfig.num_replicas must be >= 1 per deployment")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    context = {
+        "max_seconds": max_seconds,
+        "max_prompt_chars": max_prompt_chars,
+        "max_story_segments": max_story_segments,
+        "max_num_samples": max_num_samples,
+    }
+    return GenerateRequest.model_validate(data, context=context)
 
 
 __all__ = [
     "DEPLOYMENTS",
     "GenerateRequest",
     "ServeConfig",
+    "StorySegment",
     "Temperatures",
     "ValidationError",
     "describe_validation_error",
     "error_field",
     "parse_generate_request",
+    "request_json_schema",
 ]
