@@ -101,3 +101,69 @@ def test_eval_codec_writes_a_report(capsys, tmp_path):
 def test_eval_needs_existing_folders(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "mulan", "--tokenizers", str(tmp_path / "nope"), "--data", str(tmp_path))
     assert code == 2 and "no such folder" in err
+
+
+# ----------------------------------------------------------------------------- generate: story, melody, samples
+
+
+@pytest.fixture(scope="module")
+def random_system(tmp_path_factory):
+    from musiclm.orchestration.serve import save_random_system
+
+    return save_random_system(tmp_path_factory.mktemp("cli_system"), "tiny", melody=True)
+
+
+def test_generate_story_with_a_melody_and_reranked_samples(capsys, tmp_path, random_system):
+    import soundfile as sf
+
+    from musiclm.data.melody_pairs import write_demo_hum
+
+    hum = tmp_path / "hum.wav"
+    write_demo_hum(str(hum), seed=1, seconds=3.0)
+    out = tmp_path / "song.wav"
+    code, stdout, err = run(capsys, "generate", "--checkpoints", str(random_system), "--story", "calm piano:0.6",
+                            "fast techno:0.4", "--melody", str(hum), "--num-samples", "2", "--rerank",
+                            "--top-k", "50", "--guidance-scale", "2", "--report-melody", "--out", str(out))
+    assert code == 0, err
+    for i in range(2):
+        wav, sr = sf.read(str(tmp_path / f"song_{i}.wav"))
+        assert sr == 24000 and len(wav) == 24000  # the story's 1.0 s
+    assert "first audio after" in stdout
+    assert "melody adherence" in stdout and "with the melody" in stdout and "without it" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calm piano", "--story", "techno:5"], "a prompt or --story, not both"),
+    (["--story", "techno"], '"prompt:seconds"'),
+    ([""], "the prompt is empty"),
+    (["calm", "--num-samples", "0"], "num_samples"),
+    (["calm", "--top-p", "1.5"], "top_p"),
+    (["calm", "--rerank"], "rerank needs num_samples"),
+    (["calm", "--melody", "nope.wav"], "no such file"),
+    (["calm", "--report-melody"], "--report-melody needs --melody"),
+])
+def test_generate_refuses_bad_flags_in_one_line(capsys, random_system, argv, message):
+    code, _, err = run(capsys, "generate", *argv, "--checkpoints", str(random_system))
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+
+
+def test_melody_demo_corpus_is_a_pairs_manifest(capsys, tmp_path):
+    from musiclm.data.melody_pairs import check_melody_groups, load_melody_pairs
+
+    code, stdout, err = run(capsys, "corpus", "melody-demo", str(tmp_path / "m"), "--melodies", "2",
+                            "--renditions", "2", "--seconds", "2")
+    assert code == 0, err
+    rows = load_melody_pairs(str(tmp_path / "m" / "captions.jsonl"))
+    assert len(rows) == 4 and (tmp_path / "m" / "hum.wav").is_file()
+    report = check_melody_groups(rows)
+    assert report["ok"] and report["groups"] == 2 and not report["short_groups"]
+
+
+def test_serve_config_file_errors_are_one_line(capsys, tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("deployments:\n  fine:\n    num_gpu: 1\n")
+    code, _, err = run(capsys, "serve", "--config", str(bad), "--checkpoints", str(tmp_path))
+    assert code == 2 and "num_gpu" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run(capsys, "serve", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "no such file" in err
