@@ -2,19 +2,26 @@
 
 Each generated position may be restricted to an id range: the semantic stage samples among the
 1024 semantic ids, an acoustic stage at generated position i among the 1024 ids of RVQ level
-``i % levels``. Restricting is a slice of the logits, so it costs nothing per step.
+``i % levels``. Restricting is a slice of the head: a decoding step multiplies only the head rows
+of the next position's range (``decode_one_token(..., outputs=(lo, hi))``), which gives the same
+logits as slicing all of them; for the fine stage that is 1024 of 8192 rows, the step's largest matmul.
 
 On the restricted logits, in this order: classifier-free guidance (``u + s * (c - u)``, the
 unconditional logits ``u`` from a second copy of the batch whose prefix has NULL conditioning, run
 in the same forward pass), temperature, top-k, then top-p (nucleus). With one ``torch.Generator``
 per row, row i draws only from its own generator, so a request's tokens do not depend on which
 other requests share its batch.
+
+At batch 1 on a CPU a step is bound by reading the weights and by per-op overhead, so the cached
+loop does no per-step host work: no ``.item()``, no numpy, one preallocated output written in place,
+and the draw is ``torch.multinomial``'s own Gumbel-max arithmetic without its checks
+(:func:`_multinomial`). ``sample`` draws exactly the tokens of the plain loop (pinned by the tests).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,12 +80,40 @@ def _guide(logits: torch.Tensor, batch: int, guidance_scale: float | None) -> to
     return u + guidance_scale * (c - u)
 
 
+def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw per row of ``probs`` [B, n] -> ids [B]: ``torch.multinomial(probs, 1, generator)`` bit for bit.
+
+    For one sample ATen uses the Gumbel-max trick, argmax(p / q) with q ~ Exp(1) drawn from the
+    generator; this runs exactly those three ops without multinomial's input checks (three reductions
+    and two host syncs: as much again per step on a CPU). A list of generators draws row i's q from
+    ``generator[i]``, as ``multinomial(probs[i:i+1], 1, generator[i])`` does. The equality (tokens and
+    generator states) is pinned by ``tests/generation/test_sampler.py`` against the reference below.
+    """
+    q = torch.empty_like(probs)
+    if generator is None or isinstance(generator, torch.Generator):
+        q.exponential_(1.0, generator=generator)
+    elif len(generator) == 1:  # one row: its q is the whole of q, as in multinomial(probs[0:1])
+        q.exponential_(1.0, generator=generator[0])
+    else:  # row i draws from generators[i] only
+        for row, g in zip(q, generator):
+            row.exponential_(1.0, generator=g)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
+
+
+def _multinomial_reference(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """The same draw with ``torch.multinomial`` (per row for a list of generators): the reference."""
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 def _pick(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
     generator: Generators,
     top_p: float | None = None,
+    draw: Callable[[torch.Tensor, Generators], torch.Tensor] = _multinomial,
 ) -> torch.Tensor:
     """Sample one id per row from logits [B, n] (already restricted); temperature 0 is greedy. -> [B]."""
     if temperature <= 0:
@@ -94,9 +129,7 @@ def _pick(
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more probable ids
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if isinstance(generator, Sequence):  # row i draws from generators[i] only
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw(probs, generator)
 
 
 def _check(model: StageTransformer, prefix: torch.Tensor, num_new: int) -> None:
@@ -134,25 +167,29 @@ def sample(
     B, L0 = prefix.shape
     guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
     ranges = _ranges(allowed_range, num_new, model.config.num_outputs)
-    out = torch.empty(B, num_new, dtype=torch.long, device=prefix.device)
+    out = torch.empty(num_new, B, dtype=torch.long, device=prefix.device)  # position-major: out[i] is contiguous
     if num_new == 0:
-        return out
+        return out.t()
     rows = torch.cat([prefix, uncond_prefix.to(prefix.device)]) if guided else prefix  # [B or 2B, L0]
     scale = guidance_scale if guided else None
     was_training = model.training
     model.eval()
     try:
         model.setup_cache(rows.shape[0], L0 + num_new)
-        logits = model.prefill(rows)  # [B or 2B, V_out]
-        for i, (lo, hi) in enumerate(ranges):
-            out[:, i] = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p) + lo
+        lo, hi = ranges[0]
+        logits = model.prefill(rows)[:, lo:hi]  # [B or 2B, hi - lo]
+        for i in range(num_new):
+            token = out[i]  # [B]
+            torch.add(_pick(_guide(logits, B, scale), temperature, top_k, generator, top_p), lo, out=token)
             if i + 1 < num_new:
-                token = out[:, i : i + 1]  # [B, 1]
-                logits = model.decode_one_token(torch.cat([token, token]) if guided else token, L0 + i)
+                lo, hi = ranges[i + 1]
+                step = token.view(B, 1)  # [B] -> [B, 1]
+                # only the head rows of the next position's range: the same logits as slicing all of them
+                logits = model.decode_one_token(step.repeat(2, 1) if guided else step, L0 + i, (lo, hi))
     finally:
         model.clear_cache()
         model.train(was_training)
-    return out
+    return out.t().contiguous()  # [num_new, B] -> [B, num_new]
 
 
 @torch.inference_mode()
@@ -168,7 +205,8 @@ def sample_without_cache(
     guidance_scale: float = 1.0,
     uncond_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The same distribution as ``sample``, recomputing the whole sequence each step (reference, benchmark)."""
+    """The same draws as ``sample``, recomputing the whole sequence each step and drawing with
+    ``torch.multinomial`` (the reference the tests hold ``sample`` to, and a benchmark baseline)."""
     _check(model, prefix, num_new)
     B, L0 = prefix.shape
     guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
@@ -182,7 +220,8 @@ def sample_without_cache(
     try:
         for i, (lo, hi) in enumerate(ranges):
             logits = model(seq[:, : L0 + i])[:, -1]  # [B or 2B, V_out]
-            token = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p) + lo  # [B]
+            picked = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p, _multinomial_reference)
+            token = picked + lo  # [B]
             seq[:, L0 + i] = torch.cat([token, token]) if guided else token
     finally:
         model.train(was_training)

@@ -11,12 +11,20 @@ Two ways to run the model:
 * ``setup_cache`` / ``prefill`` / ``decode_one_token``: incremental decoding with preallocated
   key/value buffers. The relative bias of every distance is precomputed once, so decoding one
   token uses a *slice* of a buffer as the attention mask, and writes keys/values in place.
+
+At batch 1 on a CPU a decoding step is memory- and dispatch-bound, not compute-bound: each op is a
+few microseconds of work, so the step reads its weights from tuples gathered once per cache (no
+``nn.Module`` attribute look-ups), and ``decode_one_token(..., outputs=(lo, hi))`` multiplies only
+the head rows of the ids a position may take (an acoustic position: 1024 of the fine stage's 8192;
+the head was the costliest matmul of a step). The arithmetic of every op is unchanged, so the
+logits are bit-for-bit those of the unrestricted step, sliced.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -181,28 +189,57 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), mask, start)
         return x + self.ff(self.norm2(x))
 
-    def step(self, x: torch.Tensor, mask: torch.Tensor, pos: int) -> torch.Tensor:
-        """``forward`` for one cached position, inference only: x [B, 1, D] -> [B, 1, D].
+    def step_weights(self) -> StepWeights:
+        """What ``step`` reads, gathered into one tuple (the cache must be set up)."""
+        attn, ff = self.attn, self.ff
+        if attn.cache is None:
+            raise RuntimeError("call setup_cache(batch, max_len) before decoding")
+        return StepWeights(self.norm1.weight, attn.qkv.weight, attn.proj.weight, self.norm2.weight, ff.up.weight,
+                           ff.down.weight, ff.gated, attn.n_heads, attn.head_dim, attn.cache.k, attn.cache.v)
 
-        The same computation written with functional ops on this block's weights: at batch 1 a
-        decoding step is a few microseconds of work per op, and the ~10 nested ``nn.Module``
-        calls per block (dropouts included) would cost as much again.
-        """
-        attn, ff, cache = self.attn, self.ff, self.attn.cache
-        B, _, D = x.shape
-        h = F.layer_norm(x, (D,), self.norm1.weight)
-        q, k, v = F.linear(h, attn.qkv.weight).view(B, 3, attn.n_heads, 1, attn.head_dim).unbind(1)  # 3 x [B, H, 1, Dh]
-        cache.k[:, :, pos : pos + 1] = k
-        cache.v[:, :, pos : pos + 1] = v
-        y = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1], attn_mask=mask)
-        x = x + F.linear(y.reshape(B, 1, D), attn.proj.weight)  # [B, H, 1, Dh] -> [B, 1, D]
-        h = F.linear(F.layer_norm(x, (D,), self.norm2.weight), ff.up.weight)
-        if ff.gated:
-            gate, h = h.chunk(2, dim=-1)  # [B, 1, 2F] -> 2 x [B, 1, F]
-            h = F.gelu(gate, approximate="tanh") * h
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return x + F.linear(h, ff.down.weight)
+    def step(self, x: torch.Tensor, mask: torch.Tensor, pos: int) -> torch.Tensor:
+        """``forward`` for one cached position, inference only: x [B, 1, D] -> [B, 1, D] (see ``block_step``)."""
+        return block_step(self.step_weights(), x, mask, pos)
+
+
+class StepWeights(NamedTuple):
+    """One block's weights and KV buffers for decoding, gathered once per cache: reading them through
+    ``nn.Module.__getattr__`` costs about a microsecond per look-up, ~15 per block and step."""
+
+    norm1: torch.Tensor
+    qkv: torch.Tensor
+    proj: torch.Tensor
+    norm2: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gated: bool
+    n_heads: int
+    head_dim: int
+    k: torch.Tensor  # [B, H, max_len, Dh]
+    v: torch.Tensor
+
+
+def block_step(w: StepWeights, x: torch.Tensor, mask: torch.Tensor | None, pos: int) -> torch.Tensor:
+    """``Block.forward`` for one cached position, inference only: x [B, 1, D] -> [B, 1, D].
+
+    The same ops as ``forward`` on the same weights (so the same bits), written with ATen calls: at
+    batch 1 a decoding step is a few microseconds of work per op, and the ~10 nested ``nn.Module``
+    calls per block (dropouts included) and Python wrappers (``F.layer_norm``) would cost as much again.
+    """
+    B, _, D = x.shape
+    h = torch.layer_norm(x, (D,), w.norm1)
+    q, k, v = F.linear(h, w.qkv).view(B, 3, w.n_heads, 1, w.head_dim).unbind(1)  # [B, 1, 3D] -> 3 x [B, H, 1, Dh]
+    w.k.narrow(2, pos, 1).copy_(k)
+    w.v.narrow(2, pos, 1).copy_(v)
+    y = F.scaled_dot_product_attention(q, w.k.narrow(2, 0, pos + 1), w.v.narrow(2, 0, pos + 1), attn_mask=mask)
+    x = x + F.linear(y.reshape(B, 1, D), w.proj)  # [B, H, 1, Dh] -> [B, 1, D]
+    h = F.linear(torch.layer_norm(x, (D,), w.norm2), w.up)
+    if w.gated:
+        gate, h = h.chunk(2, dim=-1)  # [B, 1, 2F] -> 2 x [B, 1, F]
+        h = F.gelu(gate, approximate="tanh") * h
+    else:
+        h = F.gelu(h, approximate="tanh")
+    return x + F.linear(h, w.down)
 
 
 class StageTransformer(nn.Module):
@@ -223,6 +260,8 @@ class StageTransformer(nn.Module):
         # first, so conditioning-only ids (MuLan, semantic for coarse) cost no output matmul
         self.head = nn.Linear(config.dim, config.num_outputs, bias=False)
         self._bias_rev: torch.Tensor | None = None  # [1, H, 1, max_len] while a cache is set up
+        self._steps: list[StepWeights] = []  # each block's decoding weights while a cache is set up
+        self._ends: tuple[torch.Tensor, ...] = ()  # embedding, final norm and head weights, likewise
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight") or name.endswith("down.weight"):
@@ -263,6 +302,8 @@ class StageTransformer(nn.Module):
         with torch.no_grad():
             self._bias_rev = self.rel_bias.reversed_values().to(weight.dtype)[None, :, None, :]  # [1, H, 1, max_seq_len]
         self._cache_len = max_len
+        self._steps = [block.step_weights() for block in self.blocks]
+        self._ends = (self.embed.weight, self.norm.weight, self.head.weight)  # what a step reads besides the blocks
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run a prefix [B, L] into a fresh cache (positions 0..L-1); return the logits of its last position [B, V_out]."""
@@ -277,19 +318,31 @@ class StageTransformer(nn.Module):
             x = block(x, mask, 0)
         return self.head(self.norm(x[:, -1]))
 
-    def decode_one_token(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """One step: token [B, 1] at position ``pos`` (all earlier positions cached) -> logits [B, V_out]."""
+    def decode_one_token(self, token: torch.Tensor, pos: int, outputs: tuple[int, int] | None = None) -> torch.Tensor:
+        """One step: token [B, 1] at position ``pos`` (all earlier positions cached) -> logits [B, V_out].
+
+        ``outputs`` = (lo, hi): only the logits of ids [lo, hi), [B, hi - lo] (the head's rows lo..hi-1;
+        each logit is the same dot product, so this equals the full logits sliced, bit for bit).
+        """
+        if self._bias_rev is None:
+            raise RuntimeError("call setup_cache(batch, max_len) before decode_one_token")
         if pos >= self._cache_len:
             raise ValueError(f"position {pos} is outside the cache of {self._cache_len}")
+        embed, norm, head = self._ends
+        if outputs is not None:
+            if not 0 <= outputs[0] < outputs[1] <= head.shape[0]:
+                raise ValueError(f"outputs {tuple(outputs)} are not inside the model's {head.shape[0]} outputs")
+            head = head.narrow(0, outputs[0], outputs[1] - outputs[0])  # [n, D]: rows lo..hi-1 of the head
         # keys 0..pos have distances pos..0: a slice of the reversed bias, no recomputation
-        mask = self._bias_rev[..., self.config.max_seq_len - 1 - pos :]  # [1, H, 1, pos+1]
-        x = F.embedding(token, self.embed.weight)  # [B, 1, D]
-        for block in self.blocks:
-            x = block.step(x, mask, pos)
-        return F.linear(F.layer_norm(x[:, 0], (x.shape[-1],), self.norm.weight), self.head.weight)
+        mask = self._bias_rev.narrow(3, self._bias_rev.shape[3] - 1 - pos, pos + 1)  # [1, H, 1, pos+1]
+        x = torch.embedding(embed, token)  # [B, 1, D]
+        for weights in self._steps:
+            x = block_step(weights, x, mask, pos)
+        return F.linear(torch.layer_norm(x[:, 0], (x.shape[-1],), norm), head)
 
     def clear_cache(self) -> None:
         """Free the KV buffers."""
         for block in self.blocks:
             block.attn.cache = None
         self._bias_rev = None
+        self._steps, self._ends = [], ()

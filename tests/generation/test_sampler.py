@@ -1,11 +1,14 @@
 """KV-cached sampling against recomputation, allowed ranges, and the cascade's stage functions."""
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from musiclm.generation import sampler
 from musiclm.generation.cascade import (
     Cascade,
     Stage,
@@ -368,3 +371,128 @@ def test_guidance_sharpens_toward_the_condition_on_a_trained_model():
     unconditional, conditional, guided = mode_rate(0.0), mode_rate(1.0), mode_rate(3.0)
     assert abs(unconditional - 3 / 16) < 0.08 and abs(conditional - 9 / 16) < 0.08
     assert guided > 0.85 and guided > conditional + 0.2
+
+
+# ----------------------------------------------------------------------------- the fast cached loop (issue 4, long generation)
+
+def previous_sample(model, prefix, num_new, temperature=1.0, top_k=None, top_p=None, allowed_range=None,
+                    generator=None, guidance_scale=1.0, uncond_prefix=None):
+    """The cached loop as it was before the fast path: the whole head each step, sliced afterwards, and
+    ``torch.multinomial`` (per row for a list of generators)."""
+    B, L0 = prefix.shape
+    guided = sampler._check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
+    ranges = sampler._ranges(allowed_range, num_new, model.config.num_outputs)
+    rows = torch.cat([prefix, uncond_prefix]) if guided else prefix
+    scale = guidance_scale if guided else None
+    out = torch.empty(B, num_new, dtype=torch.long)
+    with torch.inference_mode():
+        model.setup_cache(rows.shape[0], L0 + num_new)
+        logits = model.prefill(rows)
+        for i, (lo, hi) in enumerate(ranges):
+            out[:, i] = sampler._pick(sampler._guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p,
+                                      sampler._multinomial_reference) + lo
+            if i + 1 < num_new:
+                token = out[:, i : i + 1]
+                logits = model.decode_one_token(torch.cat([token, token]) if guided else token, L0 + i)
+        model.clear_cache()
+    return out
+
+
+def generators(seeds):
+    return torch.Generator().manual_seed(seeds) if isinstance(seeds, int) else [torch.Generator().manual_seed(s)
+                                                                              for s in seeds]
+
+
+def states(gen) -> list[torch.Tensor]:
+    return [g.get_state() for g in (gen if isinstance(gen, list) else [gen])]
+
+
+@pytest.mark.parametrize("rows,seeds", [(1, 7), (1, [7]), (3, 7), (3, [7, 8, 9])])
+def test_multinomial_replica_draws_what_torch_multinomial_draws(rows, seeds):
+    """Same ids and the same generator states afterwards: the next draws are unchanged too."""
+    for n in (1024, 5):
+        for trial in range(40):
+            logits = torch.randn(rows, n, generator=torch.Generator().manual_seed(trial)) * 3
+            probs = torch.softmax(logits, dim=-1)
+            a_gen, b_gen = generators(seeds), generators(seeds)
+            for _ in range(3):
+                a = sampler._multinomial(probs, a_gen)
+                b = sampler._multinomial_reference(probs, b_gen)
+                assert a.shape == (rows,) and torch.equal(a, b)
+            assert all(torch.equal(x, y) for x, y in zip(states(a_gen), states(b_gen)))
+    torch.manual_seed(3)  # None: the global generator
+    a = sampler._multinomial(probs, None)
+    torch.manual_seed(3)
+    assert torch.equal(a, sampler._multinomial_reference(probs, None))
+
+
+@pytest.fixture(scope="module")
+def fine_like():
+    """A fine-stage-shaped head: 3 levels x 16 ids generated in turn (frame-major), more ids for the context."""
+    torch.manual_seed(1)
+    cfg = TransformerConfig(vocab_size=70, output_size=48, dim=32, n_layers=2, n_heads=4, ff_dim=64,
+                            dropout=0.0, attn_dropout=0.0, max_seq_len=80, gated_ff=True)
+    m = StageTransformer(cfg).eval()
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    return m
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=0.0),
+    dict(temperature=0.9, seeds=5),
+    dict(temperature=1.2, seeds=[5, 6, 7], top_k=6),
+    dict(temperature=1.0, seeds=[5, 6, 7], top_p=0.8),
+    dict(temperature=0.7, seeds=[5, 6, 7], top_k=10, top_p=0.9, guidance_scale=2.5),
+    dict(temperature=1.0, seeds=None, guidance_scale=0.5),
+], ids=["greedy", "one-generator", "rows+top-k", "rows+top-p", "rows+guidance", "global-rng+guidance"])
+def test_fast_cached_loop_draws_exactly_the_previous_tokens(fine_like, options):
+    options = dict(options)
+    seeds = options.pop("seeds", 1)
+    prefix = torch.randint(0, 70, (3, 9), generator=torch.Generator().manual_seed(2))
+    if "guidance_scale" in options:
+        options["uncond_prefix"] = torch.cat([torch.full((3, 2), 69), prefix[:, 2:]], dim=1)
+    ranges = np.array([[0, 16], [16, 32], [32, 48]] * 20)  # a level per position, as an acoustic stage
+    a_gen, b_gen = (None, None) if seeds is None else (generators(seeds), generators(seeds))
+    torch.manual_seed(0)
+    fast = sample(fine_like, prefix, 60, allowed_range=ranges, generator=a_gen, **options)
+    torch.manual_seed(0)
+    previous = previous_sample(fine_like, prefix, 60, allowed_range=ranges, generator=b_gen, **options)
+    assert fast.shape == (3, 60) and fast.is_contiguous() and torch.equal(fast, previous)
+    if seeds is not None:
+        assert all(torch.equal(x, y) for x, y in zip(states(a_gen), states(b_gen)))
+    assert ((fast >= torch.from_numpy(ranges[:, 0])) & (fast < torch.from_numpy(ranges[:, 1]))).all()
+
+
+class OpCounter(TorchDispatchMode):
+    """ATen ops run under it, by name, and the weight elements the matmuls (``linear``) read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.weights_read = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if name == "linear":
+            self.weights_read += args[1].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def test_fast_loop_reads_one_level_of_the_head_per_token(fine_like):
+    """At batch 1 a CPU step is bound by the weights it reads: the fast loop's head matmul reads one
+    level's rows (16 of 48 here, 1024 of 8192 for the fine stage), the previous loop the whole head;
+    no more ATen ops per token than before, and no ``torch.multinomial`` (its checks sync the host)."""
+    prefix = torch.randint(0, 70, (1, 9), generator=torch.Generator().manual_seed(2))
+    ranges = np.array([[0, 16], [16, 32], [32, 48]] * 20)
+    counters = []
+    for fn in (sample, previous_sample):
+        with OpCounter() as counter:
+            fn(fine_like, prefix, 60, temperature=1.0, allowed_range=ranges, generator=[torch.Generator().manual_seed(0)])
+        counters.append(counter)
+    fast, previous = counters
+    head, D = fine_like.head.weight.shape
+    saved = (previous.weights_read - fast.weights_read) / 59  # 59 decoding steps after the prefill
+    assert saved == (head - 16) * D  # the rows of the two other levels, each step
+    assert sum(fast.ops.values()) <= sum(previous.ops.values())
+    assert fast.ops["multinomial"] == 0 and fast.ops["exponential_"] == 60 and previous.ops["multinomial"] == 60

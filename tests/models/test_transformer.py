@@ -101,6 +101,29 @@ def test_kv_cache_decoding_equals_full_recomputation(gated):
     model.clear_cache()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_restricted_head_gives_the_full_logits_sliced_bit_for_bit(gated):
+    """``decode_one_token(..., outputs=(lo, hi))`` multiplies only head rows lo..hi-1: the sampler relies on
+    it giving exactly the full step's logits there (so restricting changes no sampled token)."""
+    torch.manual_seed(0)
+    model = StageTransformer(small_config(gated_ff=gated, output_size=48)).eval()
+    for batch in (1, 2, 4):
+        x = torch.randint(0, 50, (batch, 30))
+        with torch.inference_mode():
+            model.setup_cache(batch, 30)
+            model.prefill(x[:, :10])
+            for pos in range(10, 30):
+                full = model.decode_one_token(x[:, pos : pos + 1], pos)
+                lo = 16 * (pos % 3)
+                part = model.decode_one_token(x[:, pos : pos + 1], pos, (lo, lo + 16))  # rewrites the same k/v
+                assert part.shape == (batch, 16) and torch.equal(part, full[:, lo : lo + 16])
+            with pytest.raises(ValueError, match="outputs"):
+                model.decode_one_token(x[:, :1], 12, (40, 49))
+        model.clear_cache()
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model.decode_one_token(x[:, :1], 0)
+
+
 def test_cache_guards():
     model = StageTransformer(small_config()).eval()
     with pytest.raises(RuntimeError, match="setup_cache"):
