@@ -1,7 +1,8 @@
 """The whole pipeline once, at a tiny size: the same driver as `musiclm demo`, with few steps.
 
-corpus → audio shards (Beam) → SoundStream, w2v-BERT, MuLan (Ray Train) → k-means, MuLan RVQ
-→ token shards (Beam) → three stages (Ray Train) → Ray Serve → POST /generate → WAV + report.
+corpus + melody pairs → audio shards (Beam) → SoundStream, w2v-BERT, MuLan, melody embedder (Ray Train)
+→ k-means, MuLan RVQ, melody RVQ → token shards with melody tokens (Beam) → three stages with melody
+conditioning (Ray Train) → Ray Serve → POST /generate → WAV; a hummed melody and a story → report.
 """
 
 import json
@@ -21,7 +22,10 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         heldout_clips=4,
         seconds=10.0,
         generate_seconds=2.0,
-        steps={name: 6 for name in ("soundstream", "w2vbert", "mulan", "semantic", "coarse", "fine")},
+        melodies=4,
+        renditions=2,
+        story=(("calm piano", 1.0), ("fast techno", 1.0)),
+        steps={name: 6 for name in ("soundstream", "w2vbert", "mulan", "melody", "semantic", "coarse", "fine")},
     )
     report = run_demo(config)
     import torch
@@ -32,12 +36,13 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     results = json.loads((work / "report.json").read_text())
 
     # every component trained into its own artifact folder
-    for name in ("soundstream", "w2vbert", "semantic_kmeans", "mulan", "mulan_rvq", "semantic", "coarse", "fine"):
+    for name in ("soundstream", "w2vbert", "semantic_kmeans", "mulan", "mulan_rvq", "melody", "melody_rvq",
+                 "semantic", "coarse", "fine"):
         folder = work / "checkpoints" / name
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
 
     # Beam wrote real shards with manifests; nothing was dead-lettered from the clean corpus
-    for shards in ("audio", "tokens", "heldout-tokens", "heldout-audio"):
+    for shards in ("audio", "melody-audio", "tokens", "heldout-tokens", "heldout-audio"):
         manifest = json.loads((work / "shards" / shards / "manifest.json").read_text())
         assert manifest["shards"], shards
     assert results["tokenize"]["files_ok"] == 8 and results["tokenize"]["files_dead"] == 0
@@ -72,5 +77,21 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     with wave.open(str(work / "a.wav")) as w:
         assert w.getnframes() == 24000
 
+    # melody tokens reached the shards and the stages are conditioned on them
+    from musiclm.data.shards import iter_samples
+
+    sample = next(iter(iter_samples(str(work / "shards" / "tokens"), split_by_node=False, split_by_worker=False)))
+    assert sample["melody"].ndim == 2 and sample["json"]["token_info"]["melody"]["num_codebooks"] == sample["melody"].shape[1]
+    stage = json.loads((work / "checkpoints" / "semantic" / "config.json").read_text())["config"]
+    assert stage["melody_codebooks"] == sample["melody"].shape[1]
+    melody = results["melody"]  # adherence to the hum with and without it, same prompt and seeds
+    assert 0 <= melody["conditioned"] <= 1 and 0 <= melody["unconditioned"] <= 1
+    story = results["story"]  # two prompts of 1 s: continuity measured at the windows' joins
+    assert story["audio_seconds"] == pytest.approx(2.0, abs=0.05) and len(story["tempo_bpm"]) == 2
+    assert story["spectral_flux_at_joins"]  # measured, or the reason it could not be (1-s segments are short)
+    assert all(v.get("ratio", 1.0) > 0 and ("ratio" in v or "skipped" in v) for v in story["spectral_flux_at_joins"].values())
+    assert (work / "story.wav").is_file() and (work / "generated_melody.wav").is_file()
+
     text = report.read_text()
     assert "Did it learn?" in text and "unigram" in text and "chance" in text
+    assert "## Melody conditioning" in text and "## Story mode" in text

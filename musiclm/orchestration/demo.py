@@ -253,14 +253,21 @@ def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> 
     _spectrogram(work / "story.wav", work / "story.png", title=" → ".join(p for p, _ in config.story))
     joins = join_seconds(story, cascade.configs)
     edges = np.cumsum([0.0] + [s for _, s in config.story])
-    flux = {stage: spectral_flux_at_joins(wav, [t for t in times if 0 < t < story.seconds])
+    def measured(fn, *args):  # a piece too short for a measure reports why instead of failing the demo
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            return {"skipped": str(exc)}
+
+    flux = {stage: measured(spectral_flux_at_joins, wav, [t for t in times if 0 < t < story.seconds])
             for stage, times in joins.items() if any(0 < t < story.seconds for t in times)}
     return melody, {
         "segments": [list(s) for s in config.story], "audio_seconds": round(len(wav) / SAMPLE_RATE, 2),
         "generation_seconds": round(elapsed, 1), "real_time_factor": round(elapsed / (len(wav) / SAMPLE_RATE), 2),
         "first_audio_seconds": round(first or 0.0, 2), "chunks": len(chunks),
-        "tempo_bpm": [round(tempo_bpm(wav[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)]), 1)
-                      for a, b in zip(edges[:-1], edges[1:])],
+        "tempo_bpm": [round(t, 1) if isinstance(t, float) else None
+                      for t in (measured(tempo_bpm, wav[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)])
+                                for a, b in zip(edges[:-1], edges[1:]))],
         "spectral_flux_at_joins": flux, "wav": str(work / "story.wav"), "spectrogram": str(work / "story.png"),
     }
 
@@ -374,12 +381,13 @@ def _report_markdown(results: dict[str, Any], work: Path) -> str:
     story = results.get("story")
     if story:
         flux = "; ".join(f"{stage} joins {v['joins']:.3g} vs elsewhere {v['elsewhere']:.3g} (ratio {v['ratio']:.2f})"
-                         for stage, v in story["spectral_flux_at_joins"].items())
+                         if "ratio" in v else f"{stage}: not measured ({v['skipped']})"
+                         for stage, v in story["spectral_flux_at_joins"].items()) or "no joins"
         lines += ["", "## Story mode", "",
                   f"{' → '.join(f'{p} ({s:g} s)' for p, s in story['segments'])}: {story['audio_seconds']:g} s in "
                   f"{story['generation_seconds']:g} s (real-time factor {story['real_time_factor']}), first audio after "
                   f"{story['first_audio_seconds']} s, {story['chunks']} chunks. Tempo per segment (bpm): "
-                  f"{', '.join(f'{t:g}' for t in story['tempo_bpm'])}. Spectral flux at window joins: {flux} "
+                  f"{', '.join('n/a' if t is None else f'{t:g}' for t in story['tempo_bpm'])}. Spectral flux at window joins: {flux} "
                   f"(a click would give a ratio well above 1). Audio `{story['wav']}`, spectrogram `{story['spectrogram']}`."]
     lines += ["", "## Timings (wall seconds)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings_seconds"].items()]
