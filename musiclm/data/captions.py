@@ -13,11 +13,12 @@ import ast
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import fsspec
 
-__all__ = ["caption_for", "load_captions", "normalize_aspects", "parse_aspects", "stem"]
+__all__ = ["caption_for", "jsonl_records", "load_captions", "normalize_aspects", "parse_aspects", "stem"]
 
 
 def stem(uri: str) -> str:
@@ -54,8 +55,9 @@ def normalize_aspects(value: object) -> list[str]:
     return list(dict.fromkeys(a for a in (" ".join(str(x).lower().split()) for x in parse_aspects(value)) if a))
 
 
-def _from_jsonl(text: str, source: str) -> dict[str, dict]:
-    captions: dict[str, dict] = {}
+def jsonl_records(text: str, source: str, noun: str = "record") -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-empty line of a JSONL manifest; a line that is not a JSON object
+    is a ValueError naming ``source:line``."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -64,7 +66,13 @@ def _from_jsonl(text: str, source: str) -> dict[str, dict]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{source}:{number}: not a JSON line ({err.msg})") from err
         if not isinstance(record, dict):
-            raise ValueError(f"{source}:{number}: a record must be a JSON object, got {type(record).__name__}")
+            raise ValueError(f"{source}:{number}: a {noun} must be a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _from_jsonl(text: str, source: str) -> dict[str, dict]:
+    captions: dict[str, dict] = {}
+    for number, record in jsonl_records(text, source):
         path = record.get("file") or record.get("audio")  # "audio": a melody-pairs manifest row
         key = record.get("id") or (stem(path) if path else None)
         if not key:

@@ -584,23 +584,15 @@ def load_melody_pairs(manifest: str) -> list[dict[str, Any]]:
     their rows by file stem downstream (``prepare``), so two different files with one stem are an
     error, as is a row without ``audio`` or with an empty ``melody_group`` (ValueError naming the line).
     """
-    from musiclm.data.captions import stem
+    from musiclm.data.captions import jsonl_records, stem
 
     with fsspec.open(str(manifest), "r", encoding="utf-8") as f:
         text = f.read()
     base = str(manifest).rsplit("/", 1)[0] if "/" in str(manifest) else ""
     rows: list[dict[str, Any]] = []
     seen: dict[str, tuple[str, int]] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_records(text, str(manifest), noun="row"):
         where = f"{manifest}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a JSON line ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
         audio = record.get("audio")
         if not isinstance(audio, str) or not audio.strip():
             raise ValueError(f"{where}: row has no 'audio' (the recording's path or URL)")
