@@ -287,7 +287,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     }
     ingress_options = config.deployment_options("ingress")
     # behind the ingress's own bound (a JSON 429), Serve's queue answers 429 too (plain text)
-    ingress_options["max_queued_requests"] = config.max_queued_requests
+    ingress_options["max_queued_requests"] = config.router_queue()
     ingress_options["backpressure_config"] = BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S)
     return Ingress.options(**ingress_options).bind(
         bound["conditioner"], bound["semantic"], bound["coarse"], bound["fine"], bound["codec"], document

@@ -30,6 +30,10 @@ DEFAULT_MAX_PROMPT_CHARS = 500
 DEFAULT_UPLOAD_FORMATS = ("wav", "flac", "ogg", "mp3")
 BATCHES_IN_FLIGHT = 4  # batches a model replica may hold waiting for its model (serve.batch max_concurrent_batches)
 INGRESS_SPARE = 16  # ingress slots beyond max_queued_requests: health checks and the page still answer
+# Serve's own queue in front of the ingress (requests its router holds while the replica looks busy) is
+# a last resort that answers a plain-text 429; under CPU load the router's view of the replica lags, so
+# it is sized well above the ingress's JSON bound, which then answers first.
+ROUTER_QUEUE_FACTOR = 4
 
 # Serve's AutoscalingConfig keys accepted under ``autoscaling_config`` (checked here so that a typo is
 # named before anything starts; Serve validates the values)
@@ -202,6 +206,10 @@ class ServeConfig:
         if name == "ingress":  # room for /health and the page while generations fill the queue
             return int(self.max_queued_requests) + INGRESS_SPARE
         return int(self.max_batch_size[name]) * BATCHES_IN_FLIGHT  # Serve: >= max_batch_size x concurrent batches
+
+    def router_queue(self) -> int:
+        """Serve's ``max_queued_requests`` for the ingress: a last-resort bound behind the ingress's own."""
+        return ROUTER_QUEUE_FACTOR * int(self.max_queued_requests) + INGRESS_SPARE
 
     def deployment_options(self, name: str) -> dict[str, Any]:
         """The ``Deployment.options(...)`` of one deployment (replicas or autoscaling, resources, ongoing)."""

@@ -150,6 +150,8 @@ def test_serve_config_defaults_fit_two_cores_and_batch():
         assert options["max_ongoing_requests"] >= config.max_batch_size[name] > 1
         assert options["num_replicas"] == 1 and "autoscaling_config" not in options
     assert config.deployment_options("ingress")["max_ongoing_requests"] > config.max_queued_requests
+    # Serve's plain-text bound sits far behind the ingress's JSON one (its router lags under load)
+    assert config.router_queue() >= 4 * config.max_queued_requests + config.ongoing("ingress") - config.max_queued_requests
 
 
 def test_serve_config_merges_and_checks_overrides():
