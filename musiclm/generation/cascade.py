@@ -23,7 +23,8 @@ second half as a prefix, and the codec decodes window by window), memory bounded
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from musiclm.constants import SAMPLE_RATE
 from musiclm.generation.plan import Call, drive, plan_steps
 from musiclm.generation.sampler import sample
 from musiclm.generation.spec import GenerationSpec
@@ -171,6 +173,37 @@ def generate_fine(
     ids = sample(model, prefix, num_new, temperature, allowed_range=layout.allowed_ranges(num_new), generator=generator)
     fine = layout.generated_codes(ids).reshape(W, B, len(layout.generated_levels), -1)  # [W, B, K - Kc, n]
     return torch.cat([coarse, _stitch(fine, starts, Fa)], dim=1)  # [B, K, Fa]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A streamed generation gathered: ``audio`` float32 [N, T], wall seconds to the first chunk and in all."""
+
+    audio: np.ndarray
+    first_audio_s: float
+    elapsed_s: float
+    chunks: int
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.elapsed_s / max(self.audio.shape[1] / SAMPLE_RATE, 1e-9)
+
+
+def collect(chunks: Iterable[np.ndarray], progress: Callable[[float, float], None] | None = None) -> Collected:
+    """Concatenate the chunks ``[N, T_i]`` of ``Cascade.stream`` along time, timing the first one;
+    ``progress(audio_seconds_so_far, wall_seconds)`` is called after each chunk."""
+    start = time.perf_counter()
+    parts, first = [], None
+    for chunk in chunks:
+        first = first if first is not None else time.perf_counter() - start
+        parts.append(chunk)
+        if progress is not None:
+            progress(sum(c.shape[1] for c in parts) / SAMPLE_RATE, time.perf_counter() - start)
+    if not parts:
+        raise ValueError("the stream gave no audio")
+    elapsed = time.perf_counter() - start
+    audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)  # [N, T]
+    return Collected(audio=audio, first_audio_s=first, elapsed_s=elapsed, chunks=len(parts))
 
 
 STAGE_SEED_OFFSET = {"semantic": 0, "coarse": 1, "fine": 2}

@@ -216,8 +216,6 @@ def _out_paths(out: str, n: int) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     import numpy as np
 
     _require_dir(args.checkpoints, "--checkpoints")
@@ -227,44 +225,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--report-melody needs --melody")
     from musiclm.audio import load_audio, write_wav
     from musiclm.constants import SAMPLE_RATE
-    from musiclm.generation.cascade import Cascade
+    from musiclm.generation.cascade import Cascade, collect
 
     _generation_spec(args)  # refuse bad flags before loading any model
     melody_wav = melody_tokens = None
     if args.melody:
-        from musiclm.tokenizers.melody import has_melody, load_melody_tokenizer
+        from musiclm.tokenizers.melody import has_melody, melody_tokens_of
 
         if not os.path.isfile(args.melody):
             raise UserError(f"--melody {args.melody}: no such file")
         if not has_melody(args.checkpoints):
             raise UserError(f"{args.checkpoints} has no melody tokenizer (melody/ and melody_rvq/): "
                             "train it with `musiclm train melody` and `musiclm fit melody_rvq`")
-        import torch
-
         melody_wav = load_audio(args.melody)  # mono float32 at 24 kHz
-        with torch.inference_mode():
-            melody_tokens = load_melody_tokenizer(args.checkpoints).tokens(torch.from_numpy(melody_wav)[None])[0].numpy()  # [Fm, Q]
+        melody_tokens = melody_tokens_of(args.checkpoints, melody_wav)  # [Fm, Q]
     spec = _generation_spec(args, melody_tokens)
     cascade = Cascade.load(args.checkpoints)
     if melody_tokens is not None and not cascade.semantic.config.melody_codebooks:
         raise UserError("these stages were trained without melody conditioning: train them on shards with "
                         "melody tokens (--option melody=true), or leave out --melody")
-    start = time.perf_counter()
-    chunks, first = [], None
-    for chunk in cascade.stream(spec):  # [N, T_chunk] as each window finishes
-        first = first if first is not None else time.perf_counter() - start
-        chunks.append(chunk)
-        done = sum(c.shape[1] for c in chunks) / SAMPLE_RATE
-        print(f"\r{done:6.1f} / {spec.seconds:g} s of audio ({time.perf_counter() - start:6.1f} s)", end="", flush=True)
+
+    def progress(done: float, wall: float) -> None:
+        print(f"\r{done:6.1f} / {spec.seconds:g} s of audio ({wall:6.1f} s)", end="", flush=True)
+
+    result = collect(cascade.stream(spec), progress)  # chunks [N, T_i] as each window finishes
     print()
-    elapsed = time.perf_counter() - start
-    audio = np.concatenate(chunks, axis=1)  # [N, T]
+    audio = result.audio  # [N, T]
     seconds = audio.shape[1] / SAMPLE_RATE
     for path, wav in zip(_out_paths(args.out, len(audio)), audio):
         write_wav(path, wav, SAMPLE_RATE)
         print(f"wrote {path}")
-    print(f"{len(audio)} x {seconds:.2f} s of audio in {elapsed:.2f} s (real-time factor {elapsed / seconds:.2f}; "
-          f"first audio after {first:.2f} s)")
+    print(f"{len(audio)} x {seconds:.2f} s of audio in {result.elapsed_s:.2f} s (real-time factor "
+          f"{result.real_time_factor:.2f}; first audio after {result.first_audio_s:.2f} s)")
     if args.report_melody:
         from dataclasses import replace
 

@@ -173,7 +173,7 @@ def _serve_and_request(config: DemoConfig, ckpt: Path, work: Path) -> dict[str, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_config = ServeConfig(checkpoints=str(ckpt), host="127.0.0.1", port=port)
+    serve_config = ServeConfig(checkpoints=str(ckpt), host="127.0.0.1", port=port, access_log=False)
     start = time.perf_counter()
     run_server(serve_config, blocking=False)
     startup = time.perf_counter() - start
@@ -210,21 +210,19 @@ def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> 
     from dataclasses import replace
 
     import numpy as np
-    import torch
 
     from musiclm.audio import load_audio, write_wav
     from musiclm.constants import SAMPLE_RATE
     from musiclm.evaluation.continuity import spectral_flux_at_joins, tempo_bpm
     from musiclm.evaluation.melody import adherence_report
-    from musiclm.generation.cascade import Cascade
+    from musiclm.generation.cascade import Cascade, collect
     from musiclm.generation.plan import join_seconds
     from musiclm.generation.spec import GenerationSpec, Segment
-    from musiclm.tokenizers.melody import load_melody_tokenizer
+    from musiclm.tokenizers.melody import melody_tokens_of
 
     cascade = Cascade.load(ckpt)
     hum_wav = load_audio(str(hum))
-    with torch.inference_mode():
-        melody_tokens = load_melody_tokenizer(ckpt).tokens(torch.from_numpy(hum_wav)[None])[0].numpy()  # [Fm, Q]
+    melody_tokens = melody_tokens_of(ckpt, hum_wav)  # [Fm, Q]
     spec = GenerationSpec.single(config.prompt, config.generate_seconds, seed=config.seed, num_samples=2,
                                  melody_tokens=melody_tokens)
     start = time.perf_counter()
@@ -242,13 +240,8 @@ def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> 
     }
 
     story = GenerationSpec(segments=tuple(Segment(p, s) for p, s in config.story), seed=config.seed)
-    start = time.perf_counter()
-    first, chunks = None, []
-    for chunk in cascade.stream(story):
-        first = first if first is not None else time.perf_counter() - start
-        chunks.append(chunk)
-    elapsed = time.perf_counter() - start
-    wav = np.concatenate(chunks, axis=1)[0]
+    streamed = collect(cascade.stream(story))
+    wav = streamed.audio[0]
     write_wav(str(work / "story.wav"), wav, SAMPLE_RATE)
     _spectrogram(work / "story.wav", work / "story.png", title=" → ".join(p for p, _ in config.story))
     joins = join_seconds(story, cascade.configs)
@@ -263,8 +256,8 @@ def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> 
             for stage, times in joins.items() if any(0 < t < story.seconds for t in times)}
     return melody, {
         "segments": [list(s) for s in config.story], "audio_seconds": round(len(wav) / SAMPLE_RATE, 2),
-        "generation_seconds": round(elapsed, 1), "real_time_factor": round(elapsed / (len(wav) / SAMPLE_RATE), 2),
-        "first_audio_seconds": round(first or 0.0, 2), "chunks": len(chunks),
+        "generation_seconds": round(streamed.elapsed_s, 1), "real_time_factor": round(streamed.real_time_factor, 2),
+        "first_audio_seconds": round(streamed.first_audio_s, 2), "chunks": streamed.chunks,
         "tempo_bpm": [round(t, 1) if isinstance(t, float) else None
                       for t in (measured(tempo_bpm, wav[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)])
                                 for a, b in zip(edges[:-1], edges[1:]))],

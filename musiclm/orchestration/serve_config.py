@@ -118,6 +118,7 @@ class ServeConfig:
     app_name: str = "musiclm"
     preset: str | None = None  # refuse checkpoints of another preset when set
     torch_threads: int | None = None  # None: leave torch's default in each replica
+    access_log: bool = True  # Serve's line per HTTP request and per deployment call (our JSON request log stays)
     # limits (``limits:`` in YAML)
     max_seconds: float = DEFAULT_MAX_SECONDS  # of one request, a story's segments summed
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # of each prompt
@@ -216,6 +217,7 @@ class ServeConfig:
         options: dict[str, Any] = {
             "max_ongoing_requests": self.ongoing(name),
             "ray_actor_options": {"num_cpus": self.num_cpus[name], "num_gpus": self.num_gpus[name]},
+            "logging_config": {"enable_access_log": bool(self.access_log)},
         }
         if self.autoscaling_config[name] is not None:
             options["autoscaling_config"] = dict(self.autoscaling_config[name])

@@ -464,6 +464,14 @@ def load_melody_tokenizer(
     return MelodyTokenizer(embedder, rvq).eval()
 
 
+def melody_tokens_of(ckpt_dir: str | os.PathLike, wav: np.ndarray) -> np.ndarray:
+    """The melody tokens of one mono 24-kHz waveform ``[T]`` (a hum, a whistle): int64 ``[Fm, Q]``, what
+    ``GenerationSpec.melody_tokens`` takes."""
+    tokenizer = load_melody_tokenizer(ckpt_dir)
+    with torch.inference_mode():
+        return tokenizer.tokens(torch.as_tensor(np.asarray(wav, dtype=np.float32))[None])[0].long().numpy()  # [Fm, Q]
+
+
 def melody_token_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """What shards record about the melody tokenizer of a local folder (without loading weights): its ids
     (hashes of config + weights), preset, token shape per frame and the framing."""

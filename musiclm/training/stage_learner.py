@@ -76,6 +76,15 @@ def next_token_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return inputs, select, tokens[:, 1:][select]
 
 
+def block_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, block: int) -> torch.Tensor:
+    """Cross-entropy over the target's own codebook block only: sampling draws each position from its
+    block (``VocabLayout.allowed_ranges``), so training on the same softmax spends no capacity on
+    learning which block comes next. ``logits`` [N, V_out], ``targets`` [N] output ids."""
+    rows = torch.arange(targets.numel(), device=targets.device)
+    own = logits.view(targets.numel(), -1, block)[rows, targets // block]  # [N, blocks, block] -> [N, block]
+    return F.cross_entropy(own.float(), targets % block)
+
+
 class StageLearner:
     """Trains the Transformer of one stage; exports an artifact of kind ``stage``."""
 
@@ -171,7 +180,7 @@ class StageLearner:
         self.model.train()
         inputs, select, targets = next_token_batch({k: v.to(self.device) for k, v in batch.items()})
         logits = self.model(inputs, select)  # [N, V_out]
-        loss = F.cross_entropy(logits.float(), targets)
+        loss = block_cross_entropy(logits, targets, self.config.layout.output_block_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -199,14 +208,15 @@ class StageLearner:
         if "condition" in batch:  # undo the conditioning dropout of collate
             tokens[:, : layout.cond_len] = batch["condition"]
         inputs, select, targets = next_token_batch({"tokens": tokens, "loss_mask": batch["loss_mask"]})
-        ce = F.cross_entropy(self.model(inputs, select).float(), targets)  # logits [N, V_out]
+        block = layout.output_block_size
+        ce = block_cross_entropy(self.model(inputs, select), targets, block)  # logits [N, V_out]
         unigram = -self.unigram_log_probs()[targets.cpu()].mean()
         metrics = {"ce": float(ce), "unigram_ce": float(unigram), "ce_gain": float(unigram - ce)}
         nulled = {"ce_unconditioned": layout.unconditional(inputs)}
         if layout.melody_codebooks:
             nulled["ce_without_melody"] = layout.unconditional(inputs, mulan=False)
         for name, x in nulled.items():
-            metrics[name] = float(F.cross_entropy(self.model(x, select).float(), targets))
+            metrics[name] = float(block_cross_entropy(self.model(x, select), targets, block))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from musiclm.generation.cascade import Cascade, Stage
+from musiclm.generation.cascade import Cascade, Stage, collect
 from musiclm.generation.plan import plan_windows
 from musiclm.generation.spec import GenerationSpec, Segment
 from musiclm.models.stages import melody_slice
@@ -67,6 +67,18 @@ def test_streamed_chunks_are_the_codec_decoding_all_tokens(cascade, soundstream)
     # the stateless overlap join (the Serve ingress's): 0.5 s of left context covers the causal decoder
     overlapped = cascade.generate_spec(spec, streaming=False)
     assert overlapped.shape == audio.shape and np.abs(overlapped - audio).max() < 1e-5 * np.abs(whole).max()
+
+
+def test_collect_gathers_the_stream_with_its_timings(cascade):
+    spec = GenerationSpec.single("drums and bass", 0.6, seed=2, num_samples=2)
+    seen = []
+    result = collect(cascade.stream(spec), lambda audio_s, wall_s: seen.append((audio_s, wall_s)))
+    assert np.array_equal(result.audio, cascade.generate_spec(spec)) and result.audio.shape == (2, 15 * 960)
+    assert result.chunks == len(seen) > 1 and seen[-1][0] == pytest.approx(0.6)
+    assert [a for a, _ in seen] == sorted(a for a, _ in seen) and 0 < result.first_audio_s <= result.elapsed_s
+    assert result.real_time_factor == pytest.approx(result.elapsed_s / 0.6)
+    with pytest.raises(ValueError, match="no audio"):
+        collect(iter(()))
 
 
 def test_legacy_generate_still_works(cascade):

@@ -160,6 +160,9 @@ def test_serve_config_merges_and_checks_overrides():
     assert config.num_gpus["coarse"] == 0.5 and config.num_gpus["fine"] == 0.0
     assert config.deployment_options("fine")["max_ongoing_requests"] == 16 * BATCHES_IN_FLIGHT
     assert config.deployment_options("coarse")["ray_actor_options"] == {"num_cpus": 0.3, "num_gpus": 0.5}
+    assert config.deployment_options("coarse")["logging_config"] == {"enable_access_log": True}
+    quiet = ServeConfig(access_log=False)
+    assert all(quiet.deployment_options(name)["logging_config"] == {"enable_access_log": False} for name in DEPLOYMENTS)
     assert ServeConfig(**config.to_dict()) == config  # round trip through the dict the replicas receive
     with pytest.raises(ValueError, match="unknown deployment"):
         ServeConfig(num_cpus={"vocoder": 0.1})

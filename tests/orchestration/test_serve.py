@@ -67,6 +67,7 @@ def server(ray_session, tiny_system):
         max_upload_bytes=MAX_UPLOAD,
         max_queued_requests=MAX_QUEUED,
         torch_threads=1,
+        access_log=False,  # Serve's per-call lines off; the JSON request log (checked below) stays
         request_timeout_s=150.0,
         batch_wait_timeout_s={name: 0.05 for name in ("conditioner", "semantic", "coarse", "fine", "codec")},
     )

@@ -18,6 +18,7 @@ from musiclm.tokenizers.melody import (
     load_melody_tokenizer,
     melody_frame_count,
     melody_token_info,
+    melody_tokens_of,
     save_melody,
     save_random_melody,
 )
@@ -127,6 +128,8 @@ def test_tokenizer_artifacts_round_trip(ckpt, embedder):
     assert tokens.shape == (2, 3, 8) and tokens.dtype == torch.long
     assert 0 <= int(tokens.min()) and int(tokens.max()) < 64
     assert torch.equal(tokens, tokenizer.tokens(wav))  # deterministic
+    one = melody_tokens_of(ckpt, wav[1].numpy())  # what generate --melody takes: numpy [Fm, Q]
+    assert isinstance(one, np.ndarray) and one.dtype == np.int64 and np.array_equal(one, tokens[1].numpy())
     # the RVQ reconstructs the embeddings better than its first level alone
     emb = tokenizer.embed(wav)
     full = (tokenizer.rvq.decode(tokens) - emb).norm(dim=-1).mean()
