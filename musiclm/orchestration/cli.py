@@ -38,6 +38,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from musiclm.orchestration.ray_cluster import ClusterConnectionError
+
+        errors.append(ClusterConnectionError)
+    except ImportError:
+        pass
+    try:
         from musiclm.data.shards import ShardError
 
         errors.append(ShardError)

@@ -43,10 +43,13 @@ class DemoConfig:
             "mulan": 150,
             "melody": 120,
             "semantic": 250,
-            "coarse": 200,
+            "coarse": 300,
             "fine": 140,
         }
     )
+    # the coarse stage's targets are the codec's least predictable tokens: 4 crops a step (the tiny
+    # default is 2) took its held-out cross-entropy from 6.45 to 5.95 nats (unigram 6.51) in 800 steps
+    batch_size: dict[str, int] = field(default_factory=lambda: {"coarse": 4})
     default_clips: int = 120
 
     @property
@@ -123,7 +126,8 @@ def run_demo(config: DemoConfig) -> Path:
         with timer.step(f"train {name} (Ray Train)"):
             results.setdefault("training", {})[name] = train(
                 name, str(data), str(ckpt / name), preset=config.preset, workers=1,
-                max_steps=config.steps[name], log_every=20, learner_options=options or None,
+                max_steps=config.steps[name], batch_size=config.batch_size.get(name), log_every=20,
+                learner_options=options or None,
             )
 
     for name in ("soundstream", "w2vbert", "mulan"):

@@ -21,6 +21,10 @@ QUIET_ENV = {
 }
 
 
+class ClusterConnectionError(ConnectionError):
+    """The Ray cluster at ``--address`` could not be joined (the message says what to check)."""
+
+
 _SET_ADDRESS: list[bool] = []  # whether connect() set RAY_ADDRESS (shutdown() then unsets it)
 
 
@@ -60,7 +64,11 @@ def connect(
         root = logging.getLogger()
         level = root.level
         if address:
-            ray.init(address=address, **common)
+            check_reachable(address)
+            try:
+                ray.init(address=address, **common)
+            except (ConnectionError, RuntimeError) as exc:
+                raise ClusterConnectionError(_join_hint(address, exc)) from exc
         else:
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
@@ -76,6 +84,35 @@ def connect(
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
             _SET_ADDRESS.append(True)
     return dict(ray.cluster_resources())
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a ``host:port`` (or ``ray://host:port``) address: Ray itself
+    retries an unreachable GCS for many minutes before it gives up. ``auto`` is left to Ray."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterConnectionError(
+            f"no Ray cluster answers at {address!r}: {exc.strerror or exc} (start one with "
+            "`ray start --head`, or check the head's address and that its port is open to this machine)"
+        ) from exc
+
+
+def _join_hint(address: str, exc: BaseException) -> str:
+    """Why joining ``address`` may have failed. ``ray start`` enables token authentication by default
+    (Ray >= 2.5x), and Ray sends the token to an explicitly named address only when told to."""
+    hint = f"could not join the Ray cluster at {address!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        hint += ("; if the cluster uses token authentication (the default of `ray start`), export "
+                 "RAY_AUTH_MODE=token with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    return hint + "; check that the head is running (`ray status --address ADDRESS`)"
 
 
 def is_connected() -> bool:
