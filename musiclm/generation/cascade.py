@@ -13,8 +13,9 @@ Lengths beyond one training crop:
   its frames not covered by the previous window are kept, so all windows have the same length.
 
 Those per-stage functions (``generate_semantic`` / ``generate_coarse`` / ``generate_fine``) and
-``Cascade.generate`` are the short-clip path the Serve deployments call today. Long generation, story
-mode, batches of N, top-k / top-p, guidance and re-ranking go through ``Cascade.stream(spec)`` /
+``Cascade.generate`` are the older whole-piece path (independent acoustic windows as one batch; kept
+for ``bench_long_generation``'s comparison). Everything else, the Serve deployments included (long
+generation, story mode, batches of N, top-k / top-p, guidance, re-ranking) goes through ``Cascade.stream(spec)`` /
 ``generate_spec(spec)``: the plan of :mod:`musiclm.generation.plan` executed with the window
 functions of :mod:`musiclm.generation.windows` (acoustic windows continue the previous window's
 second half as a prefix, and the codec decodes window by window), memory bounded by one window.
