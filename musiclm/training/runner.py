@@ -55,6 +55,7 @@ STATE_DIR = "training_state"
 STATE_WEIGHTS = "state.pt"
 STATE_JSON = "state.json"
 TOKENS_KEY = "tokens"  # a learner's train_step may report how many target tokens its batch held
+FREE_CPU_WAIT_S = 60.0  # how long a new run waits for the CPUs of one that just ended
 
 
 # ----------------------------------------------------------------------------- driver
@@ -184,9 +185,13 @@ def _local_cpus_per_worker(workers: int) -> float:
     cores when there are enough, else a fraction, so that the workers never wait for CPUs forever."""
     import ray
 
-    free = float(ray.available_resources().get("CPU", 0.0))
+    # a run that just ended releases its placement group asynchronously: wait for its CPUs a while
+    deadline = time.monotonic() + FREE_CPU_WAIT_S
+    while (free := float(ray.available_resources().get("CPU", 0.0))) <= 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
     if free <= 0:
-        raise RuntimeError("the local Ray has no free CPU for training workers (is a Serve app holding them all?)")
+        raise RuntimeError(f"the local Ray has had no free CPU for training workers for {FREE_CPU_WAIT_S:g} s "
+                           "(is a Serve app holding them all?)")
     share = free / workers
     return float(math.floor(share)) if share >= 1 else round(share, 2)
 
