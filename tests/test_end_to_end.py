@@ -86,6 +86,9 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     assert stage["melody_codebooks"] == sample["melody"].shape[1]
     melody = results["melody"]  # adherence to the hum with and without it, same prompt and seeds
     assert 0 <= melody["conditioned"] <= 1 and 0 <= melody["unconditioned"] <= 1
+    retrieval = results["learning"]["melody"]  # the embedder on melodies of another seed, every rendition a query
+    assert retrieval["recordings"] == retrieval["melodies"] * 2 and 0 <= retrieval["chance_r1"] < 1
+    assert 0 <= retrieval["r1"] <= 1 and retrieval["anchors"] == 1.0
     story = results["story"]  # two prompts of 1 s: continuity measured at the windows' joins
     assert story["audio_seconds"] == pytest.approx(2.0, abs=0.05) and len(story["tempo_bpm"]) == 2
     assert story["spectral_flux_at_joins"]  # measured, or the reason it could not be (1-s segments are short)
@@ -94,4 +97,4 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
 
     text = report.read_text()
     assert "Did it learn?" in text and "unigram" in text and "chance" in text
-    assert "## Melody conditioning" in text and "## Story mode" in text
+    assert "## Melody conditioning" in text and "## Story mode" in text and "unseen melodies" in text
