@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=2, help="requests per client (a bounded loop)")
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size with batching on")
+    parser.add_argument("--batch-wait", type=float, default=0.02,
+                        help="batch_wait_timeout_s with batching on (seconds a stage call waits for others)")
     parser.add_argument("--stream-seconds", type=float, default=4.2, help="audio of the streamed request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--json", help="also write the results here")
@@ -127,7 +129,7 @@ def main() -> None:
         results: dict = {"load": [], "cpus": os.cpu_count(), "seconds": args.seconds}
         timeout = 1800.0
         try:
-            for label, size, wait in (("batched", args.batch_size, 0.02), ("unbatched", 1, 0.0)):
+            for label, size, wait in (("batched", args.batch_size, args.batch_wait), ("unbatched", 1, 0.0)):
                 config = ServeConfig(
                     checkpoints=checkpoints, port=port, torch_threads=args.threads, max_seconds=300.0,
                     max_queued_requests=max(64, max(args.clients) * 2), request_timeout_s=timeout,

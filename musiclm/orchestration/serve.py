@@ -244,7 +244,8 @@ class Codec(_ModelReplica):
         # on which requests share the batch (the decoder is cheap next to the stages)
         out = []
         for row in rows:
-            codes = torch.as_tensor(row["codes"], dtype=torch.long, device=self.device)  # [1, K, F]
+            # arrays from Ray's object store are read-only: a copy, as torch wants writable memory
+            codes = torch.from_numpy(np.array(row["codes"], dtype=np.int64)).to(self.device)  # [1, K, F]
             wav = torch.as_tensor(self.codec.decode(codes)).float().reshape(1, -1)  # [1, F * hop]
             out.append(wav.cpu().numpy())
         return out
