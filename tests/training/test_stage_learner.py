@@ -9,7 +9,7 @@ import torch
 
 from musiclm.checkpoint import CheckpointError
 from musiclm.tokenizers.backends import TokenRates
-from musiclm.training.stage_learner import StageLearner, load_stage
+from musiclm.training.stage_learner import StageLearner, block_cross_entropy, load_stage
 
 torch.set_num_threads(1)
 
@@ -233,3 +233,18 @@ def test_a_stage_saved_before_the_null_id_still_loads(tmp_path):
     (path / "config.json").write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="retrain"):
         load_stage(path)
+
+
+def test_block_cross_entropy_is_the_softmax_sampling_draws_from():
+    """The loss of each target over its own codebook block only: other blocks' logits do not matter, and it
+    equals the full softmax's cross-entropy once those are masked out (what ``allowed_ranges`` does)."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 3 * 4), torch.tensor([0, 5, 11, 3, 4, 8])  # 3 blocks of 4 ids
+    block = targets // 4
+    masked = logits.masked_fill(torch.arange(12)[None] // 4 != block[:, None], float("-inf"))
+    loss = block_cross_entropy(logits, targets, 4)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(masked, targets))
+    assert loss < torch.nn.functional.cross_entropy(logits, targets)  # never more than the full softmax's
+    shifted = logits.clone()
+    shifted[block != 0, :4] += 100.0  # another block's logits: no effect on those rows
+    assert torch.allclose(block_cross_entropy(shifted, targets, 4), loss)
