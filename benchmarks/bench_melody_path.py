@@ -37,17 +37,12 @@ SEMANTIC_HOP_SECONDS = 0.04  # 25 Hz
 
 
 def frame_pitch_classes(wav: np.ndarray, frames: int, sample_rate: int = 24_000) -> np.ndarray:
-    """The strongest pitch class of each 40-ms frame [frames] (salience chroma, octaves folded)."""
-    from musiclm.evaluation import melody as m
+    """The strongest pitch class of each 40-ms frame [frames] (the adherence measure's salience chroma)."""
+    from musiclm.evaluation.melody import N_FFT, frame_chroma
 
     hop = int(SEMANTIC_HOP_SECONDS * sample_rate)
-    x = np.pad(wav.astype(np.float32), (0, m.N_FFT + hop * frames))
-    windows = np.lib.stride_tricks.sliding_window_view(x, m.N_FFT)[::hop][:frames]  # [frames, N_FFT]
-    weights = m._harmonic_matrix(sample_rate)
-    spectrum = np.abs(np.fft.rfft(windows * m._hann(), axis=1))[:, : weights.shape[0]]
-    salience = spectrum @ weights  # [frames, candidate semitones]
-    chroma = np.stack([salience[:, (pc - m.MIDI_RANGE[0]) % 12 :: 12].sum(1) for pc in range(12)], axis=1)
-    return (chroma / m._flat_chroma(sample_rate)).argmax(1)
+    padded = np.pad(wav.astype(np.float32), (0, N_FFT + hop * frames))  # at least `frames` frames
+    return frame_chroma(padded, sample_rate, SEMANTIC_HOP_SECONDS)[0][:frames].argmax(1)
 
 
 def clips(token_dir: Path, limit: int) -> list[dict]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from musiclm.constants import SAMPLE_RATE
 
@@ -70,7 +69,7 @@ def stage_cross_entropy(
     of the output head (coarse interleaves 4 levels, each a block of ``size`` ids), so the uniform
     baseline is ``log(size)`` and the unigram is normalised per block."""
     from musiclm.models.stages import VocabLayout, build_training_example
-    from musiclm.training.stage_learner import load_stage
+    from musiclm.training.stage_learner import block_cross_entropy, load_stage
 
     model, config = load_stage(stage_dir)
     stage = config.stage
@@ -94,9 +93,7 @@ def stage_cross_entropy(
         target_mask = torch.from_numpy(mask[1:])  # position t predicts token t + 1
         logits = model(x[:, :-1], select=target_mask.unsqueeze(0)).float()  # [N, V_out]
         targets = x[0, 1:][target_mask]  # [N]
-        blocks = logits.view(logits.shape[0], -1, size)  # [N, V_out] -> [N, blocks, size]
-        own = blocks[torch.arange(len(targets)), targets // size]  # [N, size]: the target's codebook only
-        nll = F.cross_entropy(own, targets % size, reduction="none")
+        nll = block_cross_entropy(logits, targets, size, reduction="none")  # the target's codebook only
         model_nll += float(nll.sum())
         unigram_nll += float(-log_unigram[targets.numpy()].sum())
         n_tokens += int(target_mask.sum())

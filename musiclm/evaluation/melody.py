@@ -37,7 +37,8 @@ import numpy as np
 
 from musiclm.constants import SAMPLE_RATE
 
-__all__ = ["adherence_report", "chroma_similarity", "melody_adherence", "melody_similarity", "salience_chroma"]
+__all__ = ["adherence_report", "chroma_similarity", "frame_chroma", "melody_adherence", "melody_similarity",
+           "salience_chroma"]
 
 N_FFT = 4096  # 170 ms at 24 kHz: 5.9-Hz bins resolve the semitones of the upper harmonics
 HOP_SECONDS = 0.05
@@ -99,14 +100,11 @@ def _flat_chroma(sample_rate: int) -> np.ndarray:
     return (folded / folded.mean()).astype(np.float32)
 
 
-def salience_chroma(wav: Any, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """``[frames, 12]`` unit-norm pitch-class vectors of the pitched frames (20 per second), C = 0.
-
-    Rests and silence are dropped (see the module docstring); a recording with no pitched sound
-    gives an empty ``[0, 12]`` array.
-    """
+def frame_chroma(wav: Any, sample_rate: int = SAMPLE_RATE, hop_seconds: float = HOP_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame's salience folded to pitch classes, ``[frames, 12]`` (C = 0; a flat spectrum gives a flat
+    row), and its energy ``[frames]``: one frame per ``hop_seconds``, none dropped."""
     x = _as_wave(wav, sample_rate, "wav")
-    hop = int(round(HOP_SECONDS * sample_rate))
+    hop = int(round(hop_seconds * sample_rate))
     if x.size < N_FFT:
         x = np.pad(x, (0, N_FFT - x.size))
     frames = 1 + (x.size - N_FFT) // hop
@@ -114,17 +112,25 @@ def salience_chroma(wav: Any, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     spec = np.abs(np.fft.rfft(windows * _hann(), axis=1))  # [F, N_FFT/2 + 1]
     weights = _harmonic_matrix(sample_rate)
     spec = spec[:, : weights.shape[0]]
-    energy = (spec**2).sum(1)  # [F]
     salience = spec @ weights  # [F, C]
-    loud = np.percentile(energy, 90) if energy.size else 0.0
-    if loud <= 1e-12:
-        return np.zeros((0, 12))
-    voiced = energy > loud * 10.0 ** (-VOICED_DB / 10.0)
     lo = MIDI_RANGE[0]
     chroma = np.zeros((frames, 12))
     for pc in range(12):
         chroma[:, pc] = salience[:, (pc - lo) % 12 :: 12].sum(1)  # fold octaves
-    chroma = chroma[voiced] / _flat_chroma(sample_rate)  # a flat spectrum (noise, a click) has no pitch class
+    return chroma / _flat_chroma(sample_rate), (spec**2).sum(1)  # a flat spectrum (noise, a click) has no pitch class
+
+
+def salience_chroma(wav: Any, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``[frames, 12]`` unit-norm pitch-class vectors of the pitched frames (20 per second), C = 0.
+
+    Rests and silence are dropped (see the module docstring); a recording with no pitched sound
+    gives an empty ``[0, 12]`` array.
+    """
+    chroma, energy = frame_chroma(wav, sample_rate)
+    loud = np.percentile(energy, 90) if energy.size else 0.0
+    if loud <= 1e-12:
+        return np.zeros((0, 12))
+    chroma = chroma[energy > loud * 10.0 ** (-VOICED_DB / 10.0)]  # the voiced frames
     chroma = (chroma / np.maximum(chroma.max(1, keepdims=True), 1e-12)) ** SHARPEN
     return chroma / np.maximum(np.linalg.norm(chroma, axis=1, keepdims=True), 1e-12)
 

@@ -194,12 +194,13 @@ def collect(chunks: Iterable[np.ndarray], progress: Callable[[float, float], Non
     """Concatenate the chunks ``[N, T_i]`` of ``Cascade.stream`` along time, timing the first one;
     ``progress(audio_seconds_so_far, wall_seconds)`` is called after each chunk."""
     start = time.perf_counter()
-    parts, first = [], None
+    parts, first, samples = [], None, 0
     for chunk in chunks:
         first = first if first is not None else time.perf_counter() - start
         parts.append(chunk)
+        samples += chunk.shape[1]
         if progress is not None:
-            progress(sum(c.shape[1] for c in parts) / SAMPLE_RATE, time.perf_counter() - start)
+            progress(samples / SAMPLE_RATE, time.perf_counter() - start)
     if not parts:
         raise ValueError("the stream gave no audio")
     elapsed = time.perf_counter() - start

@@ -76,13 +76,13 @@ def next_token_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return inputs, select, tokens[:, 1:][select]
 
 
-def block_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, block: int) -> torch.Tensor:
+def block_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, block: int, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over the target's own codebook block only: sampling draws each position from its
     block (``VocabLayout.allowed_ranges``), so training on the same softmax spends no capacity on
     learning which block comes next. ``logits`` [N, V_out], ``targets`` [N] output ids."""
     rows = torch.arange(targets.numel(), device=targets.device)
     own = logits.view(targets.numel(), -1, block)[rows, targets // block]  # [N, blocks, block] -> [N, block]
-    return F.cross_entropy(own.float(), targets % block)
+    return F.cross_entropy(own.float(), targets % block, reduction=reduction)
 
 
 class StageLearner:
