@@ -9,8 +9,9 @@ and each row replaces one more part of the cascade with what the models generate
 
     codec, 4 coarse levels   the clip's true coarse acoustic codes, decoded      (the ceiling of the path)
     codec, all levels        the clip's true acoustic codes, decoded
-    acoustic stages          the clip's true semantic tokens -> coarse -> fine -> decoded
-    whole cascade + melody   M and the clip's melody tokens -> semantic -> ... -> decoded
+    acoustic stages          the clip's true semantic tokens (and its melody) -> coarse -> fine -> decoded
+    ..., no melody           the same without the clip's melody tokens and contour
+    whole cascade + melody   M and the clip's melody tokens (and contour) -> semantic -> ... -> decoded
     whole cascade, no melody the same request without the melody tokens (the baseline)
 
 Adherence is ``musiclm.evaluation.melody.melody_adherence`` (0 = chance, 1 = the same melody).
@@ -67,17 +68,22 @@ def adherence_rows(ckpt: Path, samples: list[dict], seed: int) -> dict[str, list
     from musiclm.generation.cascade import Cascade
     from musiclm.generation.plan import drive, plan_steps
     from musiclm.generation.spec import GenerationSpec
+    from musiclm.tokenizers.contour import melody_contour
 
     cascade = Cascade.load(ckpt)
     coarse_levels = cascade.configs["coarse"].rates.coarse_levels
-    melody_stages = bool(cascade.semantic.config.melody_codebooks)
+    melody_stages = any(cfg.melody_codebooks or cfg.contour for cfg in cascade.configs.values())
     rows: dict[str, list[float]] = {}
 
     def generate(sample: dict, semantic_given: bool, melody: bool) -> np.ndarray:
         mulan = np.asarray(sample["mulan"], dtype=np.int64)[None]  # [1, Qm]: the clip's own M_A
-        tokens = np.asarray(sample["melody"], dtype=np.int64) if melody else None
+        tokens = np.asarray(sample["melody"], dtype=np.int64) if melody and "melody" in sample else None
+        contour = None
+        if melody and any(cfg.contour for cfg in cascade.configs.values()):
+            contour = sample.get("contour")
+            contour = melody_contour(sample["audio"]) if contour is None else np.asarray(contour, dtype=np.int64)
         spec = GenerationSpec.single("(the clip's MuLan tokens)", float(sample["json"]["end"] - sample["json"]["start"]),
-                                     seed=seed, num_samples=1, melody_tokens=tokens)
+                                     seed=seed, num_samples=1, melody_tokens=tokens, melody_contour=contour)
         execute, position = cascade.executor(), [0]
         semantic = np.asarray(sample["semantic"], dtype=np.int64)[None]  # [1, Fs]
 
@@ -100,7 +106,8 @@ def adherence_rows(ckpt: Path, samples: list[dict], seed: int) -> dict[str, list
             "codec, all levels": cascade.decode(codes),
             "acoustic stages (true semantic)": generate(sample, True, melody_stages),
         }
-        if melody_stages and "melody" in sample:
+        if melody_stages:
+            outputs["acoustic stages (true semantic), no melody"] = generate(sample, True, False)
             outputs["whole cascade + melody"] = generate(sample, False, True)
         outputs["whole cascade, no melody"] = generate(sample, False, False)
         for name, wav in outputs.items():

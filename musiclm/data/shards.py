@@ -10,6 +10,7 @@ WebDataset both split the member name at the first dot). Token samples carry
     KEY.semantic.npy   int16 [F_s]     semantic tokens, 25 Hz
     KEY.mulan.npy      int16 [12]      conditioning tokens M_A
     KEY.melody.npy     int16 [..]      melody tokens (when present)
+    KEY.contour.npy    int8 [F_s]      melody contour, the pitch class of each 40-ms frame (with melody tokens)
 
 and audio samples (for tokenizer training) carry ``KEY.json`` + ``KEY.flac`` (24 kHz mono).
 
@@ -54,7 +55,7 @@ TOKEN_SHARD_PREFIX = "tokens"
 AUDIO_SHARD_PREFIX = "audio"
 
 # array members, in the order they are written; "wav" is carried as "flac"
-ARRAY_MEMBERS = ("acoustic", "semantic", "mulan", "melody")
+ARRAY_MEMBERS = ("acoustic", "semantic", "mulan", "melody", "contour")
 
 _FIXED_MTIME = 0  # 1970-01-01: reruns give byte-identical tars
 

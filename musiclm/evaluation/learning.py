@@ -68,7 +68,7 @@ def stage_cross_entropy(
     Measured as the sampler draws: each position's distribution is restricted to its own codebook's block
     of the output head (coarse interleaves 4 levels, each a block of ``size`` ids), so the uniform
     baseline is ``log(size)`` and the unigram is normalised per block."""
-    from musiclm.models.stages import VocabLayout, build_training_example
+    from musiclm.models.stages import VocabLayout, build_training_crop, build_training_example
     from musiclm.training.stage_learner import block_cross_entropy, load_stage
 
     model, config = load_stage(stage_dir)
@@ -88,10 +88,11 @@ def stage_cross_entropy(
 
     model_nll, unigram_nll, n_tokens = 0.0, 0.0, 0
     for i, sample in enumerate(heldout):
-        tokens, mask = build_training_example(sample, stage, config, rng)
+        tokens, mask, frames = build_training_crop(sample, stage, config, rng)  # frames: the melody contour
         x = torch.from_numpy(tokens).long().unsqueeze(0)  # [1, L]
+        f = None if frames is None else torch.from_numpy(frames[None, :-1])  # [1, L - 1]
         target_mask = torch.from_numpy(mask[1:])  # position t predicts token t + 1
-        logits = model(x[:, :-1], select=target_mask.unsqueeze(0)).float()  # [N, V_out]
+        logits = model(x[:, :-1], select=target_mask.unsqueeze(0), frames=f).float()  # [N, V_out]
         targets = x[0, 1:][target_mask]  # [N]
         nll = block_cross_entropy(logits, targets, size, reduction="none")  # the target's codebook only
         model_nll += float(nll.sum())

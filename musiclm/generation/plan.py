@@ -8,17 +8,19 @@ with other requests'). Keeping the algorithm in one place keeps the two bit-for-
 Calls (all arrays numpy, N = ``spec.num_samples`` rows):
 
     condition  {prompts: [P]}                                     -> M_T tokens [P, Qm]
-    semantic   {mulan [N,Qm], melody, prefix [N,P], num_new,
+    semantic   {mulan [N,Qm], melody, contour, prefix [N,P], num_new,
                 sampling, seeds}                                 -> semantic codes [N, num_new]
-    coarse     {mulan, melody, semantic [N,n], prefix [N,Kc,Pa],
-                sampling, seeds}                                 -> coarse codes [N, Kc, p n - Pa]
-    fine       {mulan, melody, coarse [N,Kc,f], prefix [N,Kf,Pa],
-                sampling, seeds}                                 -> fine codes [N, Kf, f - Pa]
+    coarse     {mulan, melody, contour, semantic [N,n],
+                prefix [N,Kc,Pa], sampling, seeds}               -> coarse codes [N, Kc, p n - Pa]
+    fine       {mulan, melody, contour, coarse [N,Kc,f],
+                prefix [N,Kf,Pa], sampling, seeds}               -> fine codes [N, Kf, f - Pa]
     decode     {codes [N,K,f], context [N,K,c], final}           -> audio [N, T_i] (a ChunkDecoder)
     score      {audio [N,T], prompt}                             -> MuLan text-audio cosine [N]
     emit       {audio [N,T_i]} (+ scores, order after rerank)     -> None
 
-The stage calls are exactly the arguments of :mod:`musiclm.generation.windows`'s functions.
+The stage calls are exactly the arguments of :mod:`musiclm.generation.windows`'s functions. ``melody``
+[N, n, Qmel] and ``contour`` [N, n] (the window's semantic frames) are None for a stage trained without
+them or a request without a melody.
 
 Windows (:func:`plan_windows`, in semantic frames): every stage slides a window of its crop (the
 paper: semantic 30 s, coarse 10 s, fine 3 s) by ``LONG_STRIDE_SECONDS / LONG_WINDOW_SECONDS`` of it
@@ -45,6 +47,7 @@ import numpy as np
 from musiclm.constants import LONG_STRIDE_SECONDS, LONG_WINDOW_SECONDS
 from musiclm.generation.spec import STAGE_NAMES, GenerationSpec
 from musiclm.models.stages import StageConfig, melody_slice
+from musiclm.tokenizers.contour import contour_slice
 
 CALL_KINDS = ("condition", "semantic", "coarse", "fine", "decode", "emit", "score")
 DECODE_CONTEXT_SECONDS = 0.5  # left context given with each decode (for codecs without streaming state)
@@ -198,6 +201,21 @@ def _melody_for(spec: GenerationSpec, configs: dict[str, StageConfig]) -> Callab
     return window_melody
 
 
+def _contour_for(spec: GenerationSpec, configs: dict[str, StageConfig]) -> Callable[[str, int, int], np.ndarray | None]:
+    """contour(stage, start_frame, end_frame) -> the window's contour [N, end - start] (tiled), or None."""
+    contour = spec.melody_contour
+    if contour is None or not any(cfg.contour for cfg in configs.values()):
+        return lambda stage, start, end: None  # a stage without contour still follows the melody tokens
+
+    def window_contour(stage: str, start: int, end: int) -> np.ndarray | None:
+        if not configs[stage].contour:
+            return None
+        frames = contour_slice(contour, start, end - start)  # [n]
+        return np.broadcast_to(frames, (spec.num_samples, frames.size)).copy()  # [N, n]
+
+    return window_contour
+
+
 def plan_steps(
     spec: GenerationSpec, configs: dict[str, StageConfig], context_seconds: float = DECODE_CONTEXT_SECONDS
 ) -> Generator[Call, Any, None]:
@@ -213,6 +231,7 @@ def plan_steps(
     N, per, Kc = spec.num_samples, r.frames_per_semantic, r.coarse_levels
     Kf = r.acoustic_codebooks - Kc
     melody_of = _melody_for(spec, configs)
+    contour_of = _contour_for(spec, configs)
     sampling = {name: spec.sampling(name, configs[name].temperature) for name in STAGE_NAMES}
     total = windows["semantic"][-1].end  # semantic frames
     context_frames = max(1, int(round(context_seconds * r.acoustic_frame_rate)))
@@ -226,6 +245,7 @@ def plan_steps(
         return {
             "mulan": mulan[w.segment],
             "melody": melody_of(w.stage, w.start),
+            "contour": contour_of(w.stage, w.start, w.end),
             "sampling": sampling[w.stage],
             "seeds": [(spec.seed, row, w.index) for row in range(N)],
         }

@@ -142,6 +142,24 @@ def _check(model: StageTransformer, prefix: torch.Tensor, num_new: int) -> None:
         raise ValueError(f"{total} tokens exceed the model's max_seq_len {model.config.max_seq_len}")
 
 
+def _frame_rows(model: StageTransformer, frames: torch.Tensor | None, prefix: torch.Tensor, num_new: int,
+                guided: bool) -> torch.Tensor | None:
+    """The frame classes of every row and position, [B or 2B, L0 + num_new] (the unconditional copy of a
+    guided batch gets NULL, like its prefix's condition), or None without frames."""
+    if frames is None:
+        return None
+    classes = model.config.frame_classes
+    if not classes:
+        raise ValueError("frames given, but this model has no frame conditioning (frame_classes=0)")
+    B, L0 = prefix.shape
+    if tuple(frames.shape) != (B, L0 + num_new):
+        raise ValueError(f"frames has shape {tuple(frames.shape)}, expected [B, L0 + num_new] = [{B}, {L0 + num_new}]")
+    if frames.numel() and (int(frames.min()) < 0 or int(frames.max()) > classes):
+        raise ValueError(f"frames has classes outside [0, {classes}] ({classes}: NULL)")
+    frames = frames.to(device=prefix.device, dtype=torch.long)
+    return torch.cat([frames, torch.full_like(frames, classes)]) if guided else frames
+
+
 @torch.inference_mode()
 def sample(
     model: StageTransformer,
@@ -154,6 +172,7 @@ def sample(
     generator: Generators = None,
     guidance_scale: float = 1.0,
     uncond_prefix: torch.Tensor | None = None,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prefix`` [B, L0] by ``num_new`` tokens with the KV cache -> tokens [B, num_new].
 
@@ -162,11 +181,14 @@ def sample(
     list of B (row i's draws use only ``generator[i]``). ``guidance_scale`` != 1: classifier-free
     guidance against ``uncond_prefix`` ([B, L0], e.g. ``VocabLayout.unconditional(prefix)``): the 2B
     rows run as one batch and both copies of a row are fed the token drawn from the mixed logits.
+    ``frames`` [B, L0 + num_new]: every position's frame class, for a model with frame conditioning (the
+    melody contour; position i's class is that of the frame position i + 1 belongs to).
     """
     _check(model, prefix, num_new)
     B, L0 = prefix.shape
     guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
     ranges = _ranges(allowed_range, num_new, model.config.num_outputs)
+    frame_rows = _frame_rows(model, frames, prefix, num_new, guided)  # [B or 2B, L0 + num_new] or None
     out = torch.empty(num_new, B, dtype=torch.long, device=prefix.device)  # position-major: out[i] is contiguous
     if num_new == 0:
         return out.t()
@@ -177,7 +199,7 @@ def sample(
     try:
         model.setup_cache(rows.shape[0], L0 + num_new)
         lo, hi = ranges[0]
-        logits = model.prefill(rows)[:, lo:hi]  # [B or 2B, hi - lo]
+        logits = model.prefill(rows, None if frame_rows is None else frame_rows[:, :L0])[:, lo:hi]  # [B or 2B, hi - lo]
         for i in range(num_new):
             token = out[i]  # [B]
             torch.add(_pick(_guide(logits, B, scale), temperature, top_k, generator, top_p), lo, out=token)
@@ -185,7 +207,8 @@ def sample(
                 lo, hi = ranges[i + 1]
                 step = token.view(B, 1)  # [B] -> [B, 1]
                 # only the head rows of the next position's range: the same logits as slicing all of them
-                logits = model.decode_one_token(step.repeat(2, 1) if guided else step, L0 + i, (lo, hi))
+                here = None if frame_rows is None else frame_rows[:, L0 + i : L0 + i + 1]  # [B or 2B, 1]
+                logits = model.decode_one_token(step.repeat(2, 1) if guided else step, L0 + i, (lo, hi), here)
     finally:
         model.clear_cache()
         model.train(was_training)
@@ -204,6 +227,7 @@ def sample_without_cache(
     generator: Generators = None,
     guidance_scale: float = 1.0,
     uncond_prefix: torch.Tensor | None = None,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same draws as ``sample``, recomputing the whole sequence each step and drawing with
     ``torch.multinomial`` (the reference the tests hold ``sample`` to, and a benchmark baseline)."""
@@ -211,6 +235,7 @@ def sample_without_cache(
     B, L0 = prefix.shape
     guided = _check_options(B, top_k, top_p, generator, guidance_scale, prefix, uncond_prefix)
     ranges = _ranges(allowed_range, num_new, model.config.num_outputs)
+    frame_rows = _frame_rows(model, frames, prefix, num_new, guided)
     rows = torch.cat([prefix, uncond_prefix.to(prefix.device)]) if guided else prefix  # [B or 2B, L0]
     seq = torch.empty(rows.shape[0], L0 + num_new, dtype=torch.long, device=prefix.device)
     seq[:, :L0] = rows
@@ -219,7 +244,8 @@ def sample_without_cache(
     model.eval()
     try:
         for i, (lo, hi) in enumerate(ranges):
-            logits = model(seq[:, : L0 + i])[:, -1]  # [B or 2B, V_out]
+            here = None if frame_rows is None else frame_rows[:, : L0 + i]
+            logits = model(seq[:, : L0 + i], frames=here)[:, -1]  # [B or 2B, V_out]
             picked = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p, _multinomial_reference)
             token = picked + lo  # [B]
             seq[:, L0 + i] = torch.cat([token, token]) if guided else token

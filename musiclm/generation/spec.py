@@ -66,7 +66,8 @@ class GenerationSpec:
     """One request: ``segments`` (prompt, seconds) played in order, ``num_samples`` rows drawn with
     ``seed`` (row i only depends on (seed, i), so it is the same in a batch of any size), per-stage
     ``temperatures`` (missing stages use their config's), top-k / top-p and guidance for every stage,
-    optional melody tokens ``[Fm, Qmel]`` (tiled over a long piece), and ``rerank``: order the rows by
+    optional melody tokens ``[Fm, Qmel]`` and melody contour ``[Fc]`` (one class per 40-ms frame, see
+    :mod:`musiclm.tokenizers.contour`; both tiled over a long piece), and ``rerank``: order the rows by
     MuLan text-audio similarity, best first (the audio then arrives at the end, not window by window)."""
 
     segments: tuple[Segment, ...]
@@ -78,6 +79,7 @@ class GenerationSpec:
     guidance_scale: float = 1.0
     melody_tokens: np.ndarray | None = field(default=None, compare=False)
     rerank: bool = False
+    melody_contour: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         segments = self.segments
@@ -113,6 +115,15 @@ class GenerationSpec:
             if not np.issubdtype(melody.dtype, np.integer) or melody.min() < 0:
                 raise ValueError("melody_tokens must be non-negative integer codes")
             object.__setattr__(self, "melody_tokens", melody.astype(np.int64))
+        if self.melody_contour is not None:
+            from musiclm.tokenizers.contour import CONTOUR_CLASSES
+
+            contour = np.asarray(self.melody_contour)
+            if contour.ndim != 1 or contour.size < 1:
+                raise ValueError(f"melody_contour must be [frames] with frames >= 1, got shape {contour.shape}")
+            if not np.issubdtype(contour.dtype, np.integer) or contour.min() < 0 or contour.max() >= CONTOUR_CLASSES:
+                raise ValueError(f"melody_contour must hold integer classes in [0, {CONTOUR_CLASSES})")
+            object.__setattr__(self, "melody_contour", contour.astype(np.int64))
 
     @classmethod
     def single(cls, prompt: str, seconds: float, **kwargs: Any) -> GenerationSpec:

@@ -9,7 +9,8 @@ sequence (and the KV cache) is bounded by the crop whatever the length of the pi
     fine      [cond][A[:Kc] of the window][SEP][A[Kc:] prefix][A[Kc:] new]
 
 ``cond`` is M (12 MuLan tokens) and, for a stage trained with it, the melody frames of the window
-(``VocabLayout.condition_ids``). The acoustic windows *continue* the previous window: its second
+(``VocabLayout.condition_ids``); a stage trained with the melody contour also takes the window's
+``contour`` [B, n] (one class per semantic frame), added position by position (``contour_positions``). The acoustic windows *continue* the previous window: its second
 half is prefilled as given tokens and only the new frames are drawn, exactly the sequence the stage
 was trained on (a random crop), so joins are as continuous as any other position.
 
@@ -32,7 +33,7 @@ import torch
 
 from musiclm.generation.sampler import sample
 from musiclm.generation.spec import STAGE_NAMES, Sampling
-from musiclm.models.stages import StageConfig
+from musiclm.models.stages import StageConfig, contour_positions
 from musiclm.models.transformer import StageTransformer
 
 SeedRow = tuple[int, int, int]  # (request seed, row, window index): the generator of one row in one window
@@ -98,6 +99,17 @@ def _conditions(
     return cond, null.reshape(1, -1).expand(B, -1)  # one unconditional condition for every row
 
 
+def _frames(cfg: StageConfig, contour: Any, B: int, n: int, region_start: int, length: int,
+            device: torch.device) -> torch.Tensor | None:
+    """Every position's frame class [B, length] from the window's contour [B, n], or None (no contour)."""
+    if contour is None:
+        return None
+    if not cfg.contour:
+        raise ValueError(f"the {cfg.stage} stage was trained without the melody contour: it takes no contour")
+    contour = check_codes(contour, "contour", (B, n), cfg.transformer.frame_classes)
+    return torch.from_numpy(contour_positions(cfg, contour.numpy(), region_start, length)).to(device)
+
+
 def _draw(
     model: StageTransformer,
     prefix: torch.Tensor,
@@ -106,11 +118,12 @@ def _draw(
     sampling: Sampling,
     allowed: Any,
     generators: list | None,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sample`` with the window's settings: ids [B, num_new]."""
     guidance = {} if uncond is None else {"guidance_scale": sampling.guidance_scale, "uncond_prefix": uncond}
     return sample(model, prefix, num_new, temperature=sampling.temperature, top_k=sampling.top_k,
-                  top_p=sampling.top_p, allowed_range=allowed, generator=generators, **guidance)
+                  top_p=sampling.top_p, allowed_range=allowed, generator=generators, frames=frames, **guidance)
 
 
 def _check_stage(cfg: StageConfig, stage: str) -> None:
@@ -127,9 +140,11 @@ def semantic_window(
     sampling: Sampling,
     seeds: Sequence[SeedRow] | None = None,
     melody: Any = None,
+    contour: Any = None,
 ) -> np.ndarray:
     """Semantic codes [B, num_new] continuing ``prefix`` [B, P] (may be empty) under M ``mulan`` [B, Qm]
-    (and ``melody`` [B, melody_frames, Qmel] for a stage trained with it); P + num_new <= the crop."""
+    (and ``melody`` [B, melody_frames, Qmel], ``contour`` [B, P + num_new] for a stage trained with them);
+    P + num_new <= the crop."""
     _check_stage(cfg, "semantic")
     device, layout, r = model_device(model), cfg.layout, cfg.rates
     cond, uncond = _conditions(cfg, mulan, melody, sampling, device)
@@ -144,7 +159,9 @@ def semantic_window(
     ids = torch.cat([cond, context], dim=1)  # [B, Lc + P]
     uncond_ids = None if uncond is None else torch.cat([uncond, context], dim=1)
     gens = _generators(seeds, "semantic", B, device)
-    new = _draw(model, ids, uncond_ids, num_new, sampling, (0, layout.num_outputs), gens)
+    n = prefix.shape[1] + num_new
+    frames = _frames(cfg, contour, B, n, cond.shape[1], ids.shape[1] + num_new, device)
+    new = _draw(model, ids, uncond_ids, num_new, sampling, (0, layout.num_outputs), gens, frames)
     return layout.generated_codes(new).cpu().numpy()
 
 
@@ -157,9 +174,11 @@ def coarse_window(
     sampling: Sampling,
     seeds: Sequence[SeedRow] | None = None,
     melody: Any = None,
+    contour: Any = None,
 ) -> np.ndarray:
     """Coarse codes [B, Kc, p n - Pa] of the frames after ``prefix`` [B, Kc, Pa] for the window's
-    semantic codes ``semantic`` [B, n] (n <= the crop; p acoustic frames per semantic frame)."""
+    semantic codes ``semantic`` [B, n] (n <= the crop; p acoustic frames per semantic frame), and its
+    ``contour`` [B, n] for a stage trained with the melody contour."""
     _check_stage(cfg, "coarse")
     device, layout, r = model_device(model), cfg.layout, cfg.rates
     cond, uncond = _conditions(cfg, mulan, melody, sampling, device)
@@ -178,7 +197,9 @@ def coarse_window(
     uncond_ids = None if uncond is None else torch.cat([uncond, context], dim=1)
     num_new = (n * per - done) * Kc
     gens = _generators(seeds, "coarse", B, device)
-    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens)
+    region = cond.shape[1] + n + 1  # the first acoustic id of the window
+    frames = _frames(cfg, contour, B, n, region, ids.shape[1] + num_new, device)
+    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens, frames)
     return layout.generated_codes(new).cpu().numpy()  # [B, Kc, p n - Pa]
 
 
@@ -191,9 +212,11 @@ def fine_window(
     sampling: Sampling,
     seeds: Sequence[SeedRow] | None = None,
     melody: Any = None,
+    contour: Any = None,
 ) -> np.ndarray:
     """Fine codes [B, K - Kc, f - Pa] of the frames after ``prefix`` [B, K - Kc, Pa] for the window's
-    coarse codes ``coarse`` [B, Kc, f] (f <= the crop's acoustic frames)."""
+    coarse codes ``coarse`` [B, Kc, f] (f <= the crop's acoustic frames), and its ``contour``
+    [B, f / p] for a stage trained with the melody contour."""
     _check_stage(cfg, "fine")
     device, layout, r = model_device(model), cfg.layout, cfg.rates
     cond, uncond = _conditions(cfg, mulan, melody, sampling, device)
@@ -214,7 +237,10 @@ def fine_window(
     uncond_ids = None if uncond is None else torch.cat([uncond, context], dim=1)
     num_new = (f - done) * Kf
     gens = _generators(seeds, "fine", B, device)
-    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens)
+    region = cond.shape[1] + f * Kc + 1  # the first fine id of the window
+    n = -(-f // r.frames_per_semantic)  # semantic frames of the window
+    frames = _frames(cfg, contour, B, n, region, ids.shape[1] + num_new, device)
+    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens, frames)
     return layout.generated_codes(new).cpu().numpy()  # [B, Kf, f - Pa]
 
 

@@ -23,6 +23,13 @@ Melody blocks (one per melody RVQ level, ``melody_codebook_size`` ids) come afte
 blocks, so the layout of a stage without melody is unchanged. Replacing every condition token by NULL
 gives the *unconditional* prefix: training drops M and the melody independently with probability
 ``conditioning_dropout``, so one model learns p(x | c) and p(x), and classifier-free guidance mixes them.
+
+Melody contour (beyond the paper; :mod:`musiclm.tokenizers.contour`). A stage with ``contour=True`` also
+takes the pitch class of every 40-ms frame, not as tokens but as a class added to each position's
+embedding (``TransformerConfig.frame_classes``): the position that predicts a token of semantic frame t
+gets the contour of frame t, every other position NULL (``contour_positions``). The melody tokens say
+which tune; the contour says which pitch now, where the frame's codes are drawn. It is dropped together
+with the melody tokens, so the unconditional branch of guidance has neither.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from musiclm.constants import (
 )
 from musiclm.models.transformer import TransformerConfig
 from musiclm.tokenizers.backends import TokenRates
+from musiclm.tokenizers.contour import CONTOUR_CLASSES
 
 STAGES = ("semantic", "coarse", "fine")
 PRESETS = ("tiny", "paper")
@@ -181,6 +189,11 @@ class VocabLayout:
     def levels_per_frame(self) -> int:
         """Tokens generated per acoustic frame (1 per semantic frame for the semantic stage)."""
         return max(1, len(self.generated_levels))
+
+    @property
+    def tokens_per_semantic_frame(self) -> int:
+        """Generated tokens per 40-ms semantic frame: 1 (semantic), ``p x levels`` (acoustic, frame-major)."""
+        return self.levels_per_frame * (self.rates.frames_per_semantic if self.generated_levels else 1)
 
     @property
     def output_block_size(self) -> int:
@@ -350,10 +363,16 @@ class StageConfig:
     rates: TokenRates = field(default_factory=TokenRates)
     melody_codebooks: int = 0
     melody_codebook_size: int = MELODY_CODEBOOK_SIZE
+    contour: bool = False  # the melody contour added per position (module docstring)
 
     def __post_init__(self) -> None:
         _check_stage(self.stage)
         _check_melody(self.melody_codebooks, self.melody_codebook_size)
+        if self.transformer.frame_classes != (CONTOUR_CLASSES if self.contour else 0):
+            raise ValueError(
+                f"a {self.stage} stage {'with' if self.contour else 'without'} the melody contour needs "
+                f"frame_classes={CONTOUR_CLASSES if self.contour else 0}, got {self.transformer.frame_classes}"
+            )
         self.rates = as_rates(self.rates)  # a dict when rebuilt from config.json
         layout = self.layout
         if self.transformer.vocab_size != layout.vocab_size or self.transformer.num_outputs != layout.num_outputs:
@@ -389,11 +408,13 @@ class StageConfig:
         rates: TokenRates | dict[str, Any] | None = None,
         melody_codebooks: int = 0,
         melody_codebook_size: int = MELODY_CODEBOOK_SIZE,
+        contour: bool = False,
     ) -> StageConfig:
         """``tiny``: dim 256, 4 layers, 4 heads, FF 1024 (GELU), crops 10/2/1 s (short acoustic crops: more steps in the CPU demo's minutes); ``paper``: 24 x 1024, 16 heads, GEGLU 4096, 30/10/3 s.
 
         ``rates`` (default: the paper's) set the vocabulary and sequence lengths, e.g. EnCodec's 75 Hz x 8;
-        ``melody_codebooks`` > 0 adds melody tokens (of the melody tokenizer's RVQ) to the prefix.
+        ``melody_codebooks`` > 0 adds melody tokens (of the melody tokenizer's RVQ) to the prefix;
+        ``contour`` adds the melody contour to every position (module docstring).
         """
         _check_stage(stage)
         if name not in PRESETS:
@@ -409,10 +430,12 @@ class StageConfig:
             output_size=layout.num_outputs,
             max_seq_len=max_seq_len_for(stage, crop, rates, melody_codebooks),
             dropout=0.1,
+            frame_classes=CONTOUR_CLASSES if contour else 0,
             **sizes,
         )
         return cls(stage=stage, crop_seconds=crop, temperature=SAMPLING_TEMPERATURES[stage], transformer=transformer,
-                   rates=rates, melody_codebooks=melody_codebooks, melody_codebook_size=melody_codebook_size)
+                   rates=rates, melody_codebooks=melody_codebooks, melody_codebook_size=melody_codebook_size,
+                   contour=bool(contour))
 
 
 def _as_codes(x, name: str, shape_rank: int, size: int, last: int | None = None) -> np.ndarray:
@@ -428,25 +451,66 @@ def _as_codes(x, name: str, shape_rank: int, size: int, last: int | None = None)
     return a
 
 
+def contour_positions(config: StageConfig, contour: Any, region_start: int, length: int) -> np.ndarray:
+    """The frame class of every position of a stage sequence, int64 [..., length].
+
+    The sequence's generated region (frame-major) starts at ``region_start``; ``contour`` [..., n] holds the
+    classes of its semantic frames. Position ``region_start - 1 + g`` predicts generated token g, of semantic
+    frame ``g // tokens_per_semantic_frame``, and gets that frame's class; every other position gets NULL.
+    """
+    null = config.transformer.frame_null
+    c = np.asarray(contour, dtype=np.int64)
+    if c.ndim < 1:
+        raise ValueError(f"contour must be [..., frames], got shape {c.shape}")
+    if c.size and (c.min() < 0 or c.max() >= CONTOUR_CLASSES):
+        raise ValueError(f"contour has classes outside [0, {CONTOUR_CLASSES})")
+    if not 1 <= region_start <= length:
+        raise ValueError(f"region_start {region_start} is outside a sequence of {length} positions")
+    out = np.full((*c.shape[:-1], length), null, dtype=np.int64)
+    per = config.layout.tokens_per_semantic_frame
+    g = np.arange(length - region_start)  # generated tokens predicted from positions region_start - 1 ...
+    frame = g // per
+    keep = frame < c.shape[-1]
+    out[..., region_start - 1 + g[keep]] = c[..., frame[keep]]
+    return out
+
+
 def drop_conditioning(
-    tokens: np.ndarray, layout: VocabLayout, rng: np.random.Generator, conditioning_dropout: float
+    tokens: np.ndarray,
+    layout: VocabLayout,
+    rng: np.random.Generator,
+    conditioning_dropout: float,
+    frames: np.ndarray | None = None,
+    frame_null: int = CONTOUR_CLASSES,
 ) -> np.ndarray:
     """Classifier-free guidance's training half: with probability ``conditioning_dropout`` set M to NULL
-    and, independently, the melody (a stage with melody). ``tokens`` [L] starts with the condition; changed
-    in place and returned. Draws nothing from ``rng`` when the probability is 0 (crops stay reproducible)."""
+    and, independently, the melody (a stage with melody tokens or a contour: ``frames`` [L], set to
+    ``frame_null`` with the melody). ``tokens`` [L] starts with the condition; both are changed in place,
+    the tokens returned. Draws nothing from ``rng`` when the probability is 0 (crops stay reproducible)."""
     if not 0.0 <= conditioning_dropout <= 1.0:
         raise ValueError(f"conditioning_dropout must be in [0, 1], got {conditioning_dropout}")
     if conditioning_dropout > 0:
         drop_m = rng.random() < conditioning_dropout
-        drop_melody = bool(layout.melody_codebooks) and rng.random() < conditioning_dropout
+        has_melody = bool(layout.melody_codebooks) or frames is not None
+        drop_melody = has_melody and rng.random() < conditioning_dropout
         if drop_m or drop_melody:
-            tokens[:] = layout.unconditional(tokens, mulan=drop_m, melody=drop_melody)
+            tokens[:] = layout.unconditional(tokens, mulan=drop_m, melody=drop_melody and bool(layout.melody_codebooks))
+        if drop_melody and frames is not None:
+            frames[:] = frame_null
     return tokens
 
 
 def build_training_example(
     sample: dict, stage: str, config: StageConfig, rng: np.random.Generator, conditioning_dropout: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, loss_mask) of :func:`build_training_crop` (its frame classes dropped)."""
+    tokens, loss_mask, _ = build_training_crop(sample, stage, config, rng, conditioning_dropout)
+    return tokens, loss_mask
+
+
+def build_training_crop(
+    sample: dict, stage: str, config: StageConfig, rng: np.random.Generator, conditioning_dropout: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A random ``crop_seconds`` crop of a token-shard sample laid out for ``stage`` (at ``config.rates``).
 
     The crop starts on a 40-ms boundary (one semantic frame = ``frames_per_semantic`` acoustic frames:
@@ -454,7 +518,9 @@ def build_training_example(
     shorter samples are used whole. A stage with melody takes ``sample["melody"]`` (int [Fm, Qmel], frames
     3 s apart from the sample's start) sliced at the crop's start (``melody_slice``); a sample without
     melody gets NULL melody ids. ``conditioning_dropout``: see ``drop_conditioning``. Returns (tokens int64
-    [L], loss_mask bool [L]) with the loss only on the generated tokens.
+    [L], loss_mask bool [L], frames int64 [L] or None) with the loss only on the generated tokens; ``frames``
+    (a stage with ``contour``) are ``contour_positions`` of ``sample["contour"]`` (int [F], one class per
+    semantic frame), all NULL for a sample without a contour.
     """
     _check_stage(stage)
     if config.stage != stage:
@@ -493,4 +559,15 @@ def build_training_example(
     tokens = np.concatenate([prefix_ids, generated.astype(np.int64)])
     loss_mask = np.zeros(len(tokens), dtype=bool)
     loss_mask[len(prefix_ids) :] = True
-    return drop_conditioning(tokens, layout, rng, conditioning_dropout), loss_mask
+    frames = None
+    if config.contour:
+        contour = sample.get("contour")
+        if contour is not None and np.asarray(contour).size:
+            contour = np.asarray(contour, dtype=np.int64).reshape(-1)
+            if len(contour) < start + n:
+                raise ValueError(f"sample['contour'] has {len(contour)} frames; the crop needs {start + n}")
+            frames = contour_positions(config, contour[start : start + n], len(prefix_ids), len(tokens))
+        else:
+            frames = np.full(len(tokens), config.transformer.frame_null, dtype=np.int64)
+    tokens = drop_conditioning(tokens, layout, rng, conditioning_dropout, frames, config.transformer.frame_null)
+    return tokens, loss_mask, frames

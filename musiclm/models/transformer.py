@@ -29,6 +29,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# decoding one token on CUDA: every backend but cuDNN's (see ``decode_one_token``)
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TransformerConfig:
     rel_max_distance: int = 128
     gated_ff: bool = True  # T5 v1.1 GEGLU; False = the original single-matrix GELU block
     output_size: int | None = None  # logits over token ids [0, output_size); None = the whole vocabulary
+    frame_classes: int = 0  # > 0: a per-position class (the melody contour) embedded and added; 0: none
 
     @property
     def num_outputs(self) -> int:
@@ -59,6 +64,13 @@ class TransformerConfig:
             raise ValueError("vocab_size and max_seq_len must be positive")
         if self.output_size is not None and not 0 < self.output_size <= self.vocab_size:
             raise ValueError(f"output_size {self.output_size} must be in (0, vocab_size={self.vocab_size}]")
+        if not isinstance(self.frame_classes, int) or self.frame_classes < 0:
+            raise ValueError(f"frame_classes must be an int >= 0, got {self.frame_classes!r}")
+
+    @property
+    def frame_null(self) -> int:
+        """The frame class of a position without one (the last row of the frame embedding)."""
+        return self.frame_classes
 
     @property
     def head_dim(self) -> int:
@@ -252,6 +264,9 @@ class StageTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
+        # the melody contour (issue 4): one class per position, added to its token's embedding; aligned with
+        # the frame each position predicts, it tells the stage the pitch of that frame directly
+        self.frame_embed = nn.Embedding(config.frame_classes + 1, config.dim) if config.frame_classes else None
         self.drop = nn.Dropout(config.dropout)
         self.rel_bias = RelativePositionBias(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -262,10 +277,26 @@ class StageTransformer(nn.Module):
         self._bias_rev: torch.Tensor | None = None  # [1, H, 1, max_len] while a cache is set up
         self._steps: list[StepWeights] = []  # each block's decoding weights while a cache is set up
         self._ends: tuple[torch.Tensor, ...] = ()  # embedding, final norm and head weights, likewise
+        self._frame_rows: torch.Tensor | None = None  # the frame embedding's weight, likewise
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        if self.frame_embed is not None:
+            nn.init.zeros_(self.frame_embed.weight)  # starts as the model without contour
+
+    def _embed(self, tokens: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, L, D], plus the frame classes' (``frames`` [B, L]; None: NULL everywhere)."""
+        x = self.embed(tokens)
+        if self.frame_embed is None:
+            if frames is not None:
+                raise ValueError("this model has no frame conditioning (frame_classes=0): it takes no frames")
+            return x
+        if frames is None:
+            return x + self.frame_embed.weight[self.config.frame_null]  # [D] broadcast
+        if frames.shape != tokens.shape:
+            raise ValueError(f"frames {tuple(frames.shape)} must match tokens {tuple(tokens.shape)}")
+        return x + self.frame_embed(frames)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -275,14 +306,17 @@ class StageTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, select: torch.Tensor | None = None, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Causal logits of a whole sequence: tokens [B, L] -> logits [B, L, V_out].
 
         ``select`` (bool [B, L]) returns only the logits of the selected positions, [N, V_out]:
         training needs them only where there is a target, and the head is the costliest matmul.
+        ``frames`` [B, L]: each position's frame class (a model with ``frame_classes``; None: NULL).
         """
         mask = self.rel_bias.full(tokens.shape[1]).to(self.embed.weight.dtype)  # [1, H, L, L]
-        x = self.drop(self.embed(tokens))  # [B, L, D]
+        x = self.drop(self._embed(tokens, frames))  # [B, L, D]
         for block in self.blocks:
             x = block(x, mask)
         if select is not None:
@@ -304,23 +338,28 @@ class StageTransformer(nn.Module):
         self._cache_len = max_len
         self._steps = [block.step_weights() for block in self.blocks]
         self._ends = (self.embed.weight, self.norm.weight, self.head.weight)  # what a step reads besides the blocks
+        self._frame_rows = None if self.frame_embed is None else self.frame_embed.weight
 
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run a prefix [B, L] into a fresh cache (positions 0..L-1); return the logits of its last position [B, V_out]."""
+    def prefill(self, tokens: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a prefix [B, L] (with its frame classes [B, L], if any) into a fresh cache (positions 0..L-1);
+        return the logits of its last position [B, V_out]."""
         if self._bias_rev is None:
             raise RuntimeError("call setup_cache(batch, max_len) before prefill")
         L = tokens.shape[1]
         if L > self._cache_len:
             raise ValueError(f"prefix of {L} tokens exceeds the cache of {self._cache_len}")
         mask = self.rel_bias.full(L).to(self.embed.weight.dtype)  # [1, H, L, L]
-        x = self.embed(tokens)  # [B, L, D]
+        x = self._embed(tokens, frames)  # [B, L, D]
         for block in self.blocks:
             x = block(x, mask, 0)
         return self.head(self.norm(x[:, -1]))
 
-    def decode_one_token(self, token: torch.Tensor, pos: int, outputs: tuple[int, int] | None = None) -> torch.Tensor:
+    def decode_one_token(
+        self, token: torch.Tensor, pos: int, outputs: tuple[int, int] | None = None, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One step: token [B, 1] at position ``pos`` (all earlier positions cached) -> logits [B, V_out].
 
+        ``frames`` [B, 1]: the position's frame class (a model with ``frame_classes``; None: NULL).
         ``outputs`` = (lo, hi): only the logits of ids [lo, hi), [B, hi - lo] (the head's rows lo..hi-1;
         each logit is the same dot product, so this equals the full logits sliced, bit for bit).
         """
@@ -336,13 +375,29 @@ class StageTransformer(nn.Module):
         # keys 0..pos have distances pos..0: a slice of the reversed bias, no recomputation
         mask = self._bias_rev.narrow(3, self._bias_rev.shape[3] - 1 - pos, pos + 1)  # [1, H, 1, pos+1]
         x = torch.embedding(embed, token)  # [B, 1, D]
+        if self._frame_rows is not None:
+            x = x + (self._frame_rows[self.config.frame_null] if frames is None else torch.embedding(self._frame_rows, frames))
+        elif frames is not None:
+            raise ValueError("this model has no frame conditioning (frame_classes=0): it takes no frames")
+        if mask.is_cuda:
+            # the memory-efficient kernel reads the mask with aligned vector loads: a view at an arbitrary
+            # offset faults ("misaligned address"); and cuDNN's SDPA plans a graph for every new key length,
+            # 2 ms of CPU per call, so bf16 decoding (which picks cuDNN) ran 10x slower than fp32 (H200, torch 2.11)
+            mask = mask.contiguous()
+            with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                x = self._blocks_step(x, mask, pos)
+        else:
+            x = self._blocks_step(x, mask, pos)
+        return F.linear(torch.layer_norm(x[:, 0], (x.shape[-1],), norm), head)
+
+    def _blocks_step(self, x: torch.Tensor, mask: torch.Tensor, pos: int) -> torch.Tensor:
         for weights in self._steps:
             x = block_step(weights, x, mask, pos)
-        return F.linear(torch.layer_norm(x[:, 0], (x.shape[-1],), norm), head)
+        return x
 
     def clear_cache(self) -> None:
         """Free the KV buffers."""
         for block in self.blocks:
             block.attn.cache = None
         self._bias_rev = None
-        self._steps, self._ends = [], ()
+        self._steps, self._ends, self._frame_rows = [], (), None

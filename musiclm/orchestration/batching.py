@@ -20,7 +20,7 @@ from ray.serve.exceptions import RayServeException
 
 from musiclm.orchestration.serve_config import BATCHES_IN_FLIGHT
 
-ROW_KEYS = ("mulan", "melody", "prefix", "semantic", "coarse")  # per-row arrays of a stage call
+ROW_KEYS = ("mulan", "melody", "contour", "prefix", "semantic", "coarse")  # per-row arrays of a stage call
 
 
 def split_rows(kwargs: dict[str, Any], n: int) -> list[dict[str, Any]]:

@@ -111,6 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from musiclm.training.runner import train
 
     options = _parse_options(args.option)
+    if args.precision is not None:
+        if options.setdefault("precision", args.precision) != args.precision:
+            raise UserError(f"--precision {args.precision} and --option precision={options['precision']} disagree")
     accepted = registry.accepted_options(args.component) - {"self", "preset", "device", "wrap_model"}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -197,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_spec(args: argparse.Namespace, melody_tokens: Any = None) -> Any:
+def _generation_spec(args: argparse.Namespace, melody_tokens: Any = None, melody_contour: Any = None) -> Any:
     """The GenerationSpec of ``musiclm generate``'s flags (one prompt, or ``--story``)."""
     from musiclm.generation.spec import GenerationSpec, Segment, parse_story
 
@@ -210,7 +213,8 @@ def _generation_spec(args: argparse.Namespace, melody_tokens: Any = None) -> Any
                                       ("fine", args.t_fine)) if v is not None}
     return GenerationSpec(segments=segments, seed=args.seed, num_samples=args.num_samples,
                           temperatures=temperatures or None, top_k=args.top_k, top_p=args.top_p,
-                          guidance_scale=args.guidance_scale, melody_tokens=melody_tokens, rerank=args.rerank)
+                          guidance_scale=args.guidance_scale, melody_tokens=melody_tokens, rerank=args.rerank,
+                          melody_contour=melody_contour)
 
 
 def _out_paths(out: str, n: int) -> list[str]:
@@ -234,8 +238,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from musiclm.generation.cascade import Cascade, collect
 
     _generation_spec(args)  # refuse bad flags before loading any model
-    melody_wav = melody_tokens = None
+    melody_wav = melody_tokens = melody_contour = None
     if args.melody:
+        from musiclm.tokenizers.contour import melody_contour as melody_contour_of
         from musiclm.tokenizers.melody import has_melody, melody_tokens_of
 
         if not os.path.isfile(args.melody):
@@ -245,7 +250,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             "train it with `musiclm train melody` and `musiclm fit melody_rvq`")
         melody_wav = load_audio(args.melody)  # mono float32 at 24 kHz
         melody_tokens = melody_tokens_of(args.checkpoints, melody_wav)  # [Fm, Q]
-    spec = _generation_spec(args, melody_tokens)
+        melody_contour = melody_contour_of(melody_wav)  # [F]: one pitch class per 40-ms frame
+    spec = _generation_spec(args, melody_tokens, melody_contour)
     cascade = Cascade.load(args.checkpoints)
     if melody_tokens is not None and not cascade.semantic.config.melody_codebooks:
         raise UserError("these stages were trained without melody conditioning: train them on shards with "
@@ -268,7 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         from musiclm.evaluation.melody import melody_adherence
 
-        plain = cascade.generate_spec(replace(spec, melody_tokens=None))  # the same request without the melody
+        plain = cascade.generate_spec(replace(spec, melody_tokens=None, melody_contour=None))  # the same request without the melody
         with_melody = [melody_adherence(melody_wav, wav) for wav in audio]
         without = [melody_adherence(melody_wav, wav) for wav in plain]
         print(f"melody adherence (chroma similarity to {args.melody}, 1 = same melody): "
@@ -364,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                       help="stages: bf16 runs the forward under torch.autocast with bfloat16 (loss, weights and "
+                            "optimizer states stay fp32; for GPUs with bf16, e.g. A100/H100); default fp32")
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="a learner option, e.g. --option text_trainable=true (repeatable)")
 

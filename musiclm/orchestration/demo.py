@@ -145,7 +145,8 @@ def run_demo(config: DemoConfig) -> Path:
                                                    str(ckpt), captions=str(heldout / "captions.jsonl"))
 
     for name in ("semantic", "coarse", "fine"):
-        train_component(name, shards / "tokens", melody=True)
+        # the coarse stage draws the pitch: it also takes the melody contour, frame by frame
+        train_component(name, shards / "tokens", melody=True, **({"contour": True} if name == "coarse" else {}))
 
     with timer.step("serve (Ray Serve) and POST /generate"):
         results["serve"] = _serve_and_request(config, ckpt, work)
@@ -223,17 +224,18 @@ def _melody_and_story(config: DemoConfig, ckpt: Path, hum: Path, work: Path) -> 
     from musiclm.generation.cascade import Cascade, collect
     from musiclm.generation.plan import join_seconds
     from musiclm.generation.spec import GenerationSpec, Segment
+    from musiclm.tokenizers.contour import melody_contour
     from musiclm.tokenizers.melody import melody_tokens_of
 
     cascade = Cascade.load(ckpt)
     hum_wav = load_audio(str(hum))
     melody_tokens = melody_tokens_of(ckpt, hum_wav)  # [Fm, Q]
     spec = GenerationSpec.single(config.prompt, config.generate_seconds, seed=config.seed, num_samples=2,
-                                 melody_tokens=melody_tokens)
+                                 melody_tokens=melody_tokens, melody_contour=melody_contour(hum_wav))
     start = time.perf_counter()
     conditioned = cascade.generate_spec(spec)  # [N, T]
     melody_seconds = time.perf_counter() - start
-    unconditioned = cascade.generate_spec(replace(spec, melody_tokens=None))
+    unconditioned = cascade.generate_spec(replace(spec, melody_tokens=None, melody_contour=None))
     write_wav(str(work / "generated_melody.wav"), conditioned[0], SAMPLE_RATE)
     per_row = [adherence_report(hum_wav, {"conditioned": c, "unconditioned": u})
                for c, u in zip(conditioned, unconditioned)]
@@ -401,7 +403,8 @@ def _report_markdown(results: dict[str, Any], work: Path) -> str:
     if melody:
         lines += ["", "## Melody conditioning", "",
                   f"The same prompt and seeds ({melody['samples']} samples), generated with and without the hum "
-                  f"`{melody['hum']}` (a tune the melody embedder never trained on): melody adherence (chroma of the "
+                  f"`{melody['hum']}` (a tune the melody embedder never trained on; its melody tokens, and its contour "
+                  f"for the coarse stage): melody adherence (chroma of the "
                   f"predominant pitch, aligned, 0 = chance, 1 = the same melody) **{melody['conditioned']:.3f} with the "
                   f"melody, {melody['unconditioned']:.3f} without it**. Audio: `{melody['wav']}`."]
     story = results.get("story")

@@ -51,6 +51,7 @@ from musiclm.orchestration.schemas import (
 from musiclm.orchestration.serve_config import MODEL_DEPLOYMENTS, ServeConfig
 from musiclm.orchestration.serve_metrics import metrics_url
 from musiclm.orchestration.service import RETRY_AFTER_S, ClientError, MusicLMService
+from musiclm.tokenizers.contour import melody_contour
 
 logger = logging.getLogger("ray.serve")
 
@@ -223,7 +224,8 @@ async def _respond(
 
     try:
         melody_tokens = None if melody is None else await service.melody_tokens(melody)
-        spec = await service.spec(parsed, melody_tokens)
+        contour = None if melody is None else await asyncio.to_thread(melody_contour, melody)  # [F], numpy only
+        spec = await service.spec(parsed, melody_tokens, contour)
         configs = await service.stage_configs()
         frames = service.total_frames(spec, configs)
         deadline = arrived + service.config.request_timeout_s

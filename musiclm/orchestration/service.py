@@ -92,8 +92,11 @@ class MusicLMService:
 
     # ---- requests -> specs
 
-    async def spec(self, request: GenerateRequest, melody_tokens: np.ndarray | None = None) -> GenerationSpec:
-        """The plan's spec for a validated request; a ClientError for what only the models can refuse."""
+    async def spec(
+        self, request: GenerateRequest, melody_tokens: np.ndarray | None = None, melody_contour: np.ndarray | None = None
+    ) -> GenerationSpec:
+        """The plan's spec for a validated request (with the melody's tokens and contour, for an upload); a
+        ClientError for what only the models can refuse."""
         configs = await self.stage_configs()
         segments = tuple(Segment(prompt, seconds) for prompt, seconds in request.segments)
         try:
@@ -101,7 +104,7 @@ class MusicLMService:
                 segments=segments, seed=request.seed, num_samples=request.num_samples,
                 temperatures=request.temperatures.model_dump(exclude_none=True) if request.temperatures else None,
                 top_k=request.top_k, top_p=request.top_p, guidance_scale=request.guidance_scale,
-                melody_tokens=melody_tokens, rerank=request.rerank,
+                melody_tokens=melody_tokens, rerank=request.rerank, melody_contour=melody_contour,
             )
         except ValueError as exc:
             raise ClientError(422, None, str(exc)) from exc

@@ -31,6 +31,7 @@ from musiclm.checkpoint import CheckpointError, read_artifact_config
 from musiclm.constants import SAMPLE_RATE
 from musiclm.tokenizers import backends
 from musiclm.tokenizers.backends import BACKENDS_FILE, TokenRates
+from musiclm.tokenizers.contour import melody_contour
 
 # folder -> the command that makes it (for the error when one is missing)
 COMPONENT_COMMANDS = {
@@ -255,7 +256,8 @@ class TokenizerBundle:
         tokens' shapes are checked against the rates: acoustic ``[T // hop, K]`` (hop 480 x 12 levels
         for SoundStream, 320 x 8 for EnCodec at 6 kbps), semantic ``[T // 960]``, conditioning ``[12]``;
         with a melody tokenizer also ``melody`` ``[Fm, Qmel]`` (``Fm = melody_frame_count(T / 24000)``:
-        3 for 10 s, 9 for 30 s, 1 for at most 4 s).
+        3 for 10 s, 9 for 30 s, 1 for at most 4 s) and the melody contour ``contour`` int8 ``[T // 960]``
+        (:mod:`musiclm.tokenizers.contour`: no model, the pitch class of each semantic frame).
         """
         r = self.rates
         results: list[dict[str, np.ndarray] | None] = [None] * len(wavs)
@@ -290,6 +292,7 @@ class TokenizerBundle:
                 results[i] = {"acoustic": acoustic_np[row], "semantic": semantic_np[row], "mulan": mulan_np[row]}
                 if melody_np is not None:
                     results[i]["melody"] = melody_np[row]
+                    results[i]["contour"] = melody_contour(wavs[i], length // r.semantic_hop)  # int8 [F_s]
         return results  # type: ignore[return-value]
 
     def _melody_tokens(self, batch: torch.Tensor) -> np.ndarray:

@@ -53,8 +53,8 @@ SHARD_KINDS: dict[str, str] = {
 # ``default_max_steps`` attribute (an int, or a dict preset -> int)
 DEFAULT_MAX_STEPS: dict[str, int] = {"tiny": 300, "paper": 500_000}
 
-# a token sample may also carry melody.npy (when the tokenizer folder has a melody tokenizer): still tokens
-TOKEN_MEMBERS = ("acoustic.npy", "semantic.npy", "mulan.npy", "melody.npy")
+# a token sample may also carry melody.npy and contour.npy (when the tokenizer folder has a melody tokenizer)
+TOKEN_MEMBERS = ("acoustic.npy", "semantic.npy", "mulan.npy", "melody.npy", "contour.npy")
 AUDIO_MEMBERS = ("flac", "wav")
 
 

@@ -14,10 +14,14 @@ the melody, by NULL in training examples, so the stage also learns the unconditi
 Held-out batches are scored with their conditioning as given (``ce``) and nulled (``ce_unconditioned``;
 with melody also ``ce_without_melody``): the gap is what the condition tells the model, i.e. what
 guidance can amplify.
+
+Mixed precision: ``precision="bf16"`` runs the forward passes under ``torch.autocast`` (bfloat16) on the
+learner's device; the loss is computed in float32, weights and AdamW states stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -43,7 +47,7 @@ from musiclm.models.stages import (
     StageConfig,
     VocabLayout,
     as_rates,
-    build_training_example,
+    build_training_crop,
     describe_rates,
     drop_conditioning,
 )
@@ -58,6 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "batch_size": {"semantic": 32, "coarse": 32, "fine": 32}},
 }
 UNIGRAM_PSEUDO_COUNT = 1e-2  # keeps held-out tokens unseen in training possible
+PRECISIONS = ("fp32", "bf16")  # bf16: forward under torch.autocast(bfloat16); weights and optimizer stay fp32
 
 
 def _identity(model: nn.Module) -> nn.Module:
@@ -110,20 +115,27 @@ class StageLearner:
         melody: bool = False,
         melody_codebooks: int | None = None,
         melody_codebook_size: int | None = None,
+        precision: str = "fp32",
+        contour: bool = False,
     ) -> None:
         """``rates``: the token rates of the shards (``TokenRates`` or its dict; default the paper's), which
         size the vocabulary and sequences; ``token_info``: the shards' tokenizer record, kept in the export.
         ``conditioning_dropout``: probability of nulling M (and, independently, the melody) per example.
         Melody conditioning: ``melody_codebooks`` / ``melody_codebook_size`` (the melody RVQ's), or
-        ``melody=True`` to read them from ``token_info["melody"]`` (``num_codebooks``, ``codebook_size``)."""
+        ``melody=True`` to read them from ``token_info["melody"]`` (``num_codebooks``, ``codebook_size``).
+        ``contour``: also condition on the melody contour (``sample["contour"]``, :mod:`musiclm.tokenizers.contour`).
+        ``precision``: ``"fp32"``, or ``"bf16"`` to run the forward under ``torch.autocast`` with bfloat16."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGES)}")
         if not 0.0 <= conditioning_dropout <= 1.0:
             raise ValueError(f"conditioning_dropout must be in [0, 1], got {conditioning_dropout}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: valid precisions are {', '.join(PRECISIONS)}")
+        self.precision = precision
         codebooks, size = melody_options(melody, melody_codebooks, melody_codebook_size, token_info)
         # raises for an unknown preset
         self.config = StageConfig.preset(stage, preset, as_rates(rates), melody_codebooks=codebooks,
-                                         melody_codebook_size=size)
+                                         melody_codebook_size=size, contour=bool(contour))
         self.conditioning_dropout = float(conditioning_dropout)
         self.token_info = token_info
         defaults = DEFAULTS[preset]
@@ -162,24 +174,44 @@ class StageLearner:
         if not samples:
             raise ValueError("collate needs at least one sample")
         layout = self.config.layout
-        examples, conditions = [], []
+        null = self.config.transformer.frame_null
+        examples, conditions, given = [], [], []
         for s in samples:
-            t, m = build_training_example(s, self.stage, self.config, self.rng)
+            t, m, f = build_training_crop(s, self.stage, self.config, self.rng)
             conditions.append(t[: layout.cond_len].copy())
-            examples.append((drop_conditioning(t, layout, self.rng, self.conditioning_dropout), m))
-        length = max(len(t) for t, _ in examples)
+            given.append(None if f is None else f.copy())
+            examples.append((drop_conditioning(t, layout, self.rng, self.conditioning_dropout, f, null), m, f))
+        length = max(len(t) for t, _, _ in examples)
         tokens = np.full((len(examples), length), layout.pad, dtype=np.int64)
         mask = np.zeros((len(examples), length), dtype=bool)
-        for i, (t, m) in enumerate(examples):
+        frames = np.full((2, len(examples), length), null, dtype=np.int64)  # as dropped, as given
+        for i, (t, m, f) in enumerate(examples):
             tokens[i, : len(t)] = t
             mask[i, : len(m)] = m
-        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
-                "condition": torch.from_numpy(np.stack(conditions))}
+            if f is not None:
+                frames[0, i, : len(f)], frames[1, i, : len(f)] = f, given[i]
+        batch = {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
+                 "condition": torch.from_numpy(np.stack(conditions))}
+        if self.config.contour:  # the melody contour's class of every position (``contour_positions``)
+            batch["frames"], batch["frames_given"] = torch.from_numpy(frames[0]), torch.from_numpy(frames[1])
+        return batch
+
+    def _forward(self, inputs: torch.Tensor, select: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits [N, V_out] of the selected positions, under autocast with ``precision="bf16"``
+        (bfloat16 logits then; ``block_cross_entropy`` takes the loss in float32)."""
+        if self.precision == "bf16":
+            autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext()
+        with autocast:
+            return self.model(inputs, select, frames)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
-        inputs, select, targets = next_token_batch({k: v.to(self.device) for k, v in batch.items()})
-        logits = self.model(inputs, select)  # [N, V_out]
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        inputs, select, targets = next_token_batch(batch)
+        frames = batch["frames"][:, :-1] if "frames" in batch else None  # the classes of the input positions
+        logits = self._forward(inputs, select, frames)  # [N, V_out]
         loss = block_cross_entropy(logits, targets, self.config.layout.output_block_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -209,14 +241,16 @@ class StageLearner:
             tokens[:, : layout.cond_len] = batch["condition"]
         inputs, select, targets = next_token_batch({"tokens": tokens, "loss_mask": batch["loss_mask"]})
         block = layout.output_block_size
-        ce = block_cross_entropy(self.model(inputs, select), targets, block)  # logits [N, V_out]
+        frames = batch.get("frames_given", batch.get("frames"))  # the contour as given (undo its dropout too)
+        frames = None if frames is None else frames[:, :-1]
+        ce = block_cross_entropy(self._forward(inputs, select, frames), targets, block)  # logits [N, V_out]
         unigram = -self.unigram_log_probs()[targets.cpu()].mean()
         metrics = {"ce": float(ce), "unigram_ce": float(unigram), "ce_gain": float(unigram - ce)}
         nulled = {"ce_unconditioned": layout.unconditional(inputs)}
-        if layout.melody_codebooks:
+        if layout.melody_codebooks or frames is not None:
             nulled["ce_without_melody"] = layout.unconditional(inputs, mulan=False)
-        for name, x in nulled.items():
-            metrics[name] = float(block_cross_entropy(self.model(x, select), targets, block))
+        for name, x in nulled.items():  # no contour (NULL frames) in either: it is part of the melody
+            metrics[name] = float(block_cross_entropy(self._forward(x, select), targets, block))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,6 +263,7 @@ class StageLearner:
             "rng": self.rng.bit_generator.state,
             "rates": self.config.rates.to_dict(),
             "melody": [self.config.melody_codebooks, self.config.melody_codebook_size],
+            "contour": self.config.contour,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,6 +279,13 @@ class StageLearner:
             raise ValueError(
                 f"the saved {self.stage} state has melody conditioning {_describe_melody(*saved_melody)}, this run "
                 f"{_describe_melody(*melody)}: train into another output folder"
+            )
+        saved_contour = bool(state.get("contour", "frame_embed.weight" in state["model"]))
+        if saved_contour != self.config.contour:
+            raise ValueError(
+                f"the saved {self.stage} state was trained {'with' if saved_contour else 'without'} the melody "
+                f"contour (frame_classes), this run {'with' if self.config.contour else 'without'}: train into another "
+                "output folder"
             )
         embed = state["model"].get("embed.weight")
         if embed is not None and embed.shape[0] == self.config.layout.vocab_size - 1:
@@ -263,7 +305,7 @@ class StageLearner:
         save_artifact(
             out_dir, kind=self.stage, preset=self.preset, config=self.config,
             state_dict=_unwrap(self.model).state_dict(),
-            meta={"step": self.step, "train_target_tokens": int(self.counts.sum()),
+            meta={"step": self.step, "train_target_tokens": int(self.counts.sum()), "precision": self.precision,
                   **({"token_info": self.token_info} if self.token_info else {})},
         )
 

@@ -224,3 +224,28 @@ def test_plan_refuses_bad_results_and_inputs(cascade):
         next(plan_steps(GenerationSpec.single("x", 0.4, melody_tokens=np.zeros((3, 2), int)), cascade.configs))
     with pytest.raises(ValueError, match="unknown call kind"):
         Call("train", {})
+
+
+def test_the_melody_contour_reaches_only_stages_trained_with_it_tiled_over_the_piece(cascade):
+    from tests.generation.test_windows import contour_stage
+
+    framed = Cascade(cascade.semantic, Stage(*contour_stage("coarse", 0.2)), cascade.fine, HashConditioner(), TableCodec())
+    contour = np.array([0, 1, 2, 3, 4, 5, 6], dtype=np.int8)  # 7 frames, tiled over 30
+    spec = GenerationSpec.single("hum", 1.2, seed=1, num_samples=2, melody_contour=contour)
+    with_contour, calls = run(framed, spec)
+    tiled = np.arange(30) % 7
+    coarse = of_kind(calls, "coarse")
+    assert coarse and all(kwargs["contour"] is None for kind in ("semantic", "fine") for kwargs, _ in of_kind(calls, kind))
+    windows = plan_windows(spec, framed.configs)["coarse"]
+    for (kwargs, _), w in zip(coarse, windows):
+        assert kwargs["contour"].shape == (2, w.end - w.start)
+        assert (kwargs["contour"] == tiled[w.start : w.end]).all()
+    without, _ = run(framed, GenerationSpec.single("hum", 1.2, seed=1, num_samples=2))
+    assert not np.array_equal(with_contour, without)
+    assert np.array_equal(run(framed, spec)[0], with_contour)  # reproducible
+    # stages without a contour ignore it: the melody tokens are the paper's route
+    assert np.array_equal(run(cascade, spec)[0], run(cascade, GenerationSpec.single("hum", 1.2, seed=1, num_samples=2))[0])
+    with pytest.raises(ValueError, match="melody_contour must hold integer classes"):
+        GenerationSpec.single("hum", 1.0, melody_contour=np.array([13]))
+    with pytest.raises(ValueError, match="melody_contour must be"):
+        GenerationSpec.single("hum", 1.0, melody_contour=np.zeros((2, 3), int))

@@ -496,3 +496,32 @@ def test_fast_loop_reads_one_level_of_the_head_per_token(fine_like):
     assert saved == (head - 16) * D  # the rows of the two other levels, each step
     assert sum(fast.ops.values()) <= sum(previous.ops.values())
     assert fast.ops["multinomial"] == 0 and fast.ops["exponential_"] == 60 and previous.ops["multinomial"] == 60
+
+
+def test_frame_classes_with_cache_equal_recomputation_and_steer_the_draws():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=60, output_size=48, dim=32, n_layers=2, n_heads=4, ff_dim=64,
+                            dropout=0.0, attn_dropout=0.0, max_seq_len=64, frame_classes=3)
+    m = StageTransformer(cfg).eval()
+    torch.nn.init.normal_(m.head.weight, std=0.5)
+    torch.nn.init.normal_(m.frame_embed.weight, std=2.0)  # strong classes: their effect must show
+    prefix = torch.randint(0, 60, (2, 7))
+    frames = torch.randint(0, 4, (2, 7 + 20))
+    uncond = prefix.clone()
+    uncond[:, :2] = 59
+    for options in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 5, "guidance_scale": 2.0, "uncond_prefix": uncond}):
+        gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        a = sample(m, prefix, 20, frames=frames, generator=gen_a, **options)
+        b = sample_without_cache(m, prefix, 20, frames=frames, generator=gen_b, **options)
+        assert torch.equal(a, b)
+    greedy = sample(m, prefix, 20, temperature=0.0, frames=frames)
+    assert not torch.equal(greedy, sample(m, prefix, 20, temperature=0.0))  # None (NULL) draws otherwise
+    assert torch.equal(sample(m, prefix, 20, temperature=0.0), sample(m, prefix, 20, temperature=0.0,
+                                                                    frames=torch.full_like(frames, 3)))
+    with pytest.raises(ValueError, match=r"expected \[B, L0 \+ num_new\]"):
+        sample(m, prefix, 20, frames=frames[:, :-1])
+    with pytest.raises(ValueError, match="classes outside"):
+        sample(m, prefix, 20, frames=frames + 4)
+    plain = StageTransformer(dataclasses.replace(cfg, frame_classes=0)).eval()
+    with pytest.raises(ValueError, match="no frame conditioning"):
+        sample(plain, prefix, 20, frames=frames)

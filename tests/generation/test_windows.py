@@ -199,3 +199,45 @@ def test_chunk_decoder_overlaps_codecs_without_streaming_state():
         decoder = ChunkDecoder(table, fade_frames=3)
         decoder(codes[..., :10])
         decoder(codes[..., 10:20], codes[..., 9:10])
+
+
+def contour_stage(stage: str = "coarse", crop_seconds: float = 0.2):
+    """A random very small stage with the melody contour, its frame classes strong enough to show."""
+    cfg = StageConfig.preset(stage, "tiny", contour=True)
+    layout = cfg.layout
+    transformer = TransformerConfig(
+        vocab_size=layout.vocab_size, output_size=layout.num_outputs, dim=32, n_layers=2, n_heads=2, ff_dim=64,
+        dropout=0.0, attn_dropout=0.0, max_seq_len=sum(sequence_lengths(stage, crop_seconds)) + 8, frame_classes=13,
+    )
+    cfg = dataclasses.replace(cfg, crop_seconds=crop_seconds, transformer=transformer)
+    torch.manual_seed(8)
+    model = StageTransformer(transformer).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.frame_embed.weight, std=2.0)
+    return model, cfg
+
+
+def test_the_contour_conditions_a_window_position_by_position(stages):
+    from musiclm.models.stages import contour_positions
+
+    model, cfg = contour_stage()
+    m, sem = mulan(2), np.random.default_rng(1).integers(0, 1024, (2, 5))
+    contour = np.random.default_rng(2).integers(0, 13, (2, 5))
+    empty = np.zeros((2, 4, 0), np.int64)
+    whole = coarse_window(model, cfg, m, sem, empty, GREEDY, contour=contour)
+    assert not np.array_equal(whole, coarse_window(model, cfg, m, sem, empty, GREEDY))  # without: NULL classes
+    # continuing from a prefix gives each position the same class as the whole window did
+    assert np.array_equal(coarse_window(model, cfg, m, sem, whole[:, :, :6], GREEDY, contour=contour), whole[:, :, 6:])
+    layout = cfg.layout
+    ids = torch.cat([layout.mulan_ids(torch.as_tensor(m)), layout.semantic_ids(torch.as_tensor(sem)),
+                     torch.full((2, 1), layout.sep)], 1)
+    frames = torch.as_tensor(contour_positions(cfg, contour, ids.shape[1], ids.shape[1] + 40))
+    direct = sample(model, ids, 40, 0.0, allowed_range=layout.allowed_ranges(40), frames=frames)
+    assert np.array_equal(layout.generated_codes(direct).numpy(), whole)
+    with pytest.raises(ValueError, match="contour has shape"):
+        coarse_window(model, cfg, m, sem, empty, GREEDY, contour=contour[:, :4])
+    with pytest.raises(ValueError, match="contour has codes outside"):
+        coarse_window(model, cfg, m, sem, empty, GREEDY, contour=contour + 13)
+    plain_model, plain_cfg = stages["coarse"]
+    with pytest.raises(ValueError, match="trained without the melody contour"):
+        coarse_window(plain_model, plain_cfg, m, sem, empty, GREEDY, contour=contour)

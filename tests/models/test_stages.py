@@ -355,3 +355,52 @@ def test_conditioning_dropout_nulls_m_and_melody_independently():
     assert (tokens[:15] == null).all()
     with pytest.raises(ValueError, match="conditioning_dropout"):
         build_training_example(sample, "coarse", cfg, rng, conditioning_dropout=1.5)
+
+
+def test_contour_reaches_the_position_that_predicts_each_frame():
+    from musiclm.models.stages import build_training_crop, contour_positions
+
+    cfg = StageConfig.preset("coarse", "tiny", melody_codebooks=3, melody_codebook_size=16, contour=True)
+    assert cfg.transformer.frame_classes == 13 and cfg.layout.tokens_per_semantic_frame == 8  # 2 frames x 4 levels
+    null = cfg.transformer.frame_null
+    frames = contour_positions(cfg, np.array([3, 5]), region_start=10, length=30)
+    assert (frames[:9] == null).all() and (frames[9:17] == 3).all() and (frames[17:25] == 5).all()
+    assert (frames[25:] == null).all()  # past the contour's frames
+    sample = {**melody_sample(6.0), "contour": (np.arange(150) % 12).astype(np.int8)}
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        tokens, mask, frames = build_training_crop(sample, "coarse", cfg, rng)
+        region = int(np.argmax(mask))  # the first acoustic id
+        start = int(tokens[15] - cfg.layout.semantic_offset)  # semantic frame t holds t: the crop's start
+        g = np.arange(len(tokens) - region)
+        assert (frames[region - 1 + g] == (start + g // 8) % 12).all()  # the frame each position predicts
+        assert (frames[: region - 1] == null).all()
+    without = {k: v for k, v in sample.items() if k != "contour"}
+    assert (build_training_crop(without, "coarse", cfg, rng)[2] == null).all()  # no contour: NULL everywhere
+    assert build_training_crop(sample, "coarse", StageConfig.preset("coarse", "tiny"), rng)[2] is None
+    with pytest.raises(ValueError, match="contour"):
+        build_training_crop({**sample, "contour": np.zeros(3, dtype=np.int8)}, "coarse", cfg, rng)
+    with pytest.raises(ValueError, match="frame_classes"):
+        StageConfig(stage="coarse", crop_seconds=2.0, transformer=cfg.transformer, contour=False)
+
+
+def test_conditioning_dropout_drops_the_contour_with_the_melody():
+    from musiclm.models.stages import build_training_crop
+
+    cfg = StageConfig.preset("coarse", "tiny", melody_codebooks=3, melody_codebook_size=16, contour=True)
+    null, layout = cfg.transformer.frame_null, cfg.layout
+    sample = {**melody_sample(6.0), "contour": np.full(150, 4, dtype=np.int8)}
+    rng = np.random.default_rng(9)
+    seen = set()
+    for _ in range(200):
+        tokens, _, frames = build_training_crop(sample, "coarse", cfg, rng, conditioning_dropout=0.5)
+        melody_dropped = bool((tokens[12:15] == layout.null).all())
+        contour_dropped = bool((frames == null).all())
+        assert melody_dropped == contour_dropped
+        seen.add(melody_dropped)
+    assert seen == {True, False}
+    # a stage with a contour but no melody tokens still drops its contour
+    plain = StageConfig.preset("coarse", "tiny", contour=True)
+    dropped = [bool((build_training_crop(sample, "coarse", plain, rng, conditioning_dropout=0.5)[2] == null).all())
+               for _ in range(100)]
+    assert 0.3 < np.mean(dropped) < 0.7

@@ -141,3 +141,40 @@ def test_config_validation():
     with pytest.raises(ValueError, match="output_size"):
         small_config(output_size=51)
     assert TransformerConfig().num_outputs == TransformerConfig().vocab_size
+
+
+def test_frame_classes_are_added_per_position_and_the_cache_agrees():
+    torch.manual_seed(0)
+    model = StageTransformer(small_config(frame_classes=5)).eval()
+    assert model.frame_embed.weight.shape == (6, 32)  # 5 classes + NULL
+    x = torch.randint(0, 50, (2, 40))
+    frames = torch.randint(0, 6, (2, 40))
+    with torch.inference_mode():
+        # zero-initialised: a fresh model is the model without frames
+        torch.testing.assert_close(model(x, frames=frames), model(x))
+        torch.nn.init.normal_(model.frame_embed.weight, std=1.0)
+        full = model(x, frames=frames)
+        torch.testing.assert_close(model(x), model(x, frames=torch.full_like(frames, 5)))  # None = NULL
+        changed = frames.clone()
+        changed[:, 30] = (changed[:, 30] + 1) % 5
+        other = model(x, frames=changed)
+        torch.testing.assert_close(other[:, :30], full[:, :30])  # causal: only positions from 30 on move
+        assert not torch.allclose(other[:, 30], full[:, 30])
+        model.setup_cache(2, 40)
+        torch.testing.assert_close(model.prefill(x[:, :10], frames[:, :10]), full[:, 9], atol=1e-4, rtol=0)
+        for pos in range(10, 40):
+            step = model.decode_one_token(x[:, pos : pos + 1], pos, None, frames[:, pos : pos + 1])
+            torch.testing.assert_close(step, full[:, pos], atol=1e-4, rtol=0)
+        model.clear_cache()
+
+
+def test_frames_are_refused_by_a_model_without_frame_classes():
+    model = StageTransformer(small_config()).eval()
+    x = torch.randint(0, 50, (1, 8))
+    with pytest.raises(ValueError, match="no frame conditioning"):
+        model(x, frames=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="frame_classes"):
+        small_config(frame_classes=-1)
+    framed = StageTransformer(small_config(frame_classes=3)).eval()
+    with pytest.raises(ValueError, match="must match tokens"):
+        framed(x, frames=torch.zeros(1, 7, dtype=torch.long))
