@@ -29,6 +29,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +166,18 @@ def train_row(stage: str, preset: str, device: torch.device, precision: str, bat
         batch //= 2
 
 
+def print_row(head: str, row: dict[str, Any], figures: Callable[[], str], suffix: str = "") -> None:
+    """``head: figures() suffix`` for a row that ran, ``head: status suffix`` for one that did not."""
+    print(f"{head}{figures() if row['status'] == 'ok' else ': ' + row['status']}{suffix}", flush=True)
+
+
 def print_train(row: dict[str, Any]) -> None:
     oom = f"  (OOM at batch {', '.join(map(str, row['oom_batches']))})" if row["oom_batches"] else ""
-    head = f"  train {row['precision']:4s} batch {row['batch']:2d}"
-    if row["status"] != "ok":
-        print(f"{head}: {row['status']}{oom}", flush=True)
-        return
-    print(f"{head} x {row['seq_len']:4d}: {row['step_s']:7.3f} s/step, {row['target_tok_s']:9.0f} target tok/s, "
-          f"{row['seq_tok_s']:9.0f} seq tok/s, peak {fmt_gib(row['peak_gib'])} GiB, loss "
-          f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f} ({'finite' if row['loss_finite'] else 'NOT FINITE'}), "
-          f"weights fp32: {row['params_fp32']}{oom}", flush=True)
+    print_row(f"  train {row['precision']:4s} batch {row['batch']:2d}", row, lambda: (
+        f" x {row['seq_len']:4d}: {row['step_s']:7.3f} s/step, {row['target_tok_s']:9.0f} target tok/s, "
+        f"{row['seq_tok_s']:9.0f} seq tok/s, peak {fmt_gib(row['peak_gib'])} GiB, loss "
+        f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f} ({'finite' if row['loss_finite'] else 'NOT FINITE'}), "
+        f"weights fp32: {row['params_fp32']}"), oom)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -239,13 +242,10 @@ def sample_row(model: StageTransformer, cfg: StageConfig, prefix: torch.Tensor, 
 
 
 def print_sample(row: dict[str, Any]) -> None:
-    head = f"  sample {row['precision']:4s} batch {row['batch']}, prefix {row['prefix']:4d} + {row['new']} new"
-    if row["status"] != "ok":
-        print(f"{head}: {row['status']}", flush=True)
-        return
-    print(f"{head}: {row['tok_s_per_row']:7.1f} new tok/s per row ({row['tok_s_total']:7.1f} total), "
-          f"{row['decode_ms_per_tok']:6.2f} ms/step decode, prefill {row['prefill_s'] * 1e3:6.1f} ms, "
-          f"peak {fmt_gib(row['peak_gib'])} GiB, tokens in range: {row['in_range']}", flush=True)
+    print_row(f"  sample {row['precision']:4s} batch {row['batch']}, prefix {row['prefix']:4d} + {row['new']} new", row,
+              lambda: (f": {row['tok_s_per_row']:7.1f} new tok/s per row ({row['tok_s_total']:7.1f} total), "
+                       f"{row['decode_ms_per_tok']:6.2f} ms/step decode, prefill {row['prefill_s'] * 1e3:6.1f} ms, "
+                       f"peak {fmt_gib(row['peak_gib'])} GiB, tokens in range: {row['in_range']}"))
 
 
 def bench_sampling(cfg: StageConfig, device: torch.device, new: int, batches: list[int]) -> dict[str, Any]:
