@@ -30,7 +30,7 @@ FRAME_SECONDS = 0.04  # one class per semantic frame (25 Hz)
 
 def melody_contour(wav: Any, frames: int | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """``wav`` [T] (or an audio file path) -> contour int8 [frames]: the pitch class of each 40-ms frame
-    (frame j covers [40 j, 40 j + 170) ms), ``UNPITCHED`` where it is far below the loud frames.
+    (its 170-ms analysis window centred on the frame), ``UNPITCHED`` where it is far below the loud frames.
 
     ``frames`` defaults to ``round(T / 960)`` at 24 kHz (one per semantic frame of the audio).
     """
@@ -42,7 +42,8 @@ def melody_contour(wav: Any, frames: int | None = None, sample_rate: int = SAMPL
         frames = int(round(x.size / hop))
     if frames < 1:
         raise ValueError(f"a melody of {x.size / sample_rate:.3f} s has no 40-ms frame")
-    padded = np.pad(x.astype(np.float32), (0, N_FFT + hop * frames))  # at least `frames` frames
+    # each analysis window (170 ms) is centred on its 40-ms frame, then at least `frames` windows
+    padded = np.pad(x.astype(np.float32), (N_FFT // 2 - hop // 2, N_FFT + hop * frames))
     chroma, energy = frame_chroma(padded, sample_rate, FRAME_SECONDS)
     chroma, energy = chroma[:frames], energy[:frames]  # [F, 12], [F]
     contour = chroma.argmax(axis=1).astype(np.int8)
