@@ -201,7 +201,10 @@ def test_prepare_audio_job_dead_letters_reruns_and_resume(corpus, tmp_path):
                               window_seconds=1.0, progress=False)
     assert stats["metrics"]["shards_written"] == 1
     assert stats["metrics"].get("shards_unchanged", 0) == 0  # finished shards are not even re-read ...
-    assert stats["metrics"]["windows_in_finished_shards"] == 4 - sh.read_manifest(str(out))["shards"][0]["samples"]
+    # (the keys hash the temporary corpus path: when one shard holds every window, none is skipped and Beam
+    # reports no counter at all)
+    skipped = stats["metrics"].get("windows_in_finished_shards", 0)
+    assert skipped == 4 - sh.read_manifest(str(out))["shards"][0]["samples"]
     assert sh.read_manifest(str(out)) == manifest  # ... yet listed in the manifest as before
     again = _shard_files(out)
     for name, st in again.items():
