@@ -18,6 +18,11 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",  # no json log files per training run
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # notice a finished run sooner (default 2 s)
+    # on a busy 2-core machine Serve's HTTP proxy can take longer than Serve's 5 s to report ready (10 s to
+    # answer a health check); after 3 misses Serve kills it and every request fails to connect (seen in CI
+    # with a benchmark running beside the suite)
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
 }
 
 
@@ -29,7 +34,8 @@ _SET_ADDRESS: list[bool] = []  # whether connect() set RAY_ADDRESS (shutdown() t
 
 
 def quiet_ray_env() -> None:
-    """Set the environment that keeps Ray quiet and offline (only variables the user has not set)."""
+    """Set the environment that keeps Ray quiet, offline and patient on a busy machine (only variables the user
+    has not set)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 
