@@ -223,8 +223,13 @@ async def _respond(
             service.release()
 
     try:
+        contour = None
+        if melody is not None:  # first: a cheap check that a too-short melody gets its 422, not a model's error
+            try:
+                contour = await asyncio.to_thread(melody_contour, melody)  # [F], numpy only
+            except ValueError as exc:
+                raise ClientError(422, "melody", str(exc)) from exc
         melody_tokens = None if melody is None else await service.melody_tokens(melody)
-        contour = None if melody is None else await asyncio.to_thread(melody_contour, melody)  # [F], numpy only
         spec = await service.spec(parsed, melody_tokens, contour)
         configs = await service.stage_configs()
         frames = service.total_frames(spec, configs)

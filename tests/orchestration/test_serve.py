@@ -287,6 +287,7 @@ def test_melody_upload_conditions_and_is_checked(server):
         ({"request": request}, {"melody": ("hum.wav", b"not audio at all" * 10, "audio/wav")}, 415, "melody"),
         ({"request": request}, {"melody": ("hum.wav", wav[: len(wav) // 2], "audio/wav")}, 422, "melody"),
         ({"request": request}, {"melody": ("hum.wav", _audio_file("WAV", 8.0), "audio/wav")}, 413, "melody"),
+        ({"request": request}, {"melody": ("hum.wav", _audio_file("WAV", 0.01), "audio/wav")}, 422, "melody"),
         ({"request": request}, {"melody": ("hum.wav", _audio_file("FLAC", 4.0), "audio/wav")}, 422, "melody"),
         ({"request": "{not json"}, {"melody": ("hum.wav", wav, "audio/wav")}, 400, "request"),
         ({"request": json.dumps({"prompt": "x", "seconds": 9})}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "seconds"),
