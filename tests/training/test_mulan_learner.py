@@ -1,5 +1,6 @@
 import io
 import math
+import os
 import subprocess
 import sys
 import time
@@ -230,6 +231,22 @@ def _two_worker_checks(rank: int, world: int, rendezvous: str, bert: str) -> Non
         dist.destroy_process_group()
 
 
+def _gloo_worker_main(rank: int, world: int, rendezvous: str, bert: str) -> None:
+    """One gloo process: the checks, then an exit that skips interpreter shutdown.
+
+    DDP keeps the gloo process group, and its worker threads, alive past ``destroy_process_group()``,
+    so nothing waits for a worker thread to retire the last collective. Retiring it frees the
+    collective's tensors, whose Python objects need the GIL; when the thread asks for it just as the
+    interpreter starts to finalize, Python ends the thread (pthread_exit) inside a noexcept C++
+    destructor and the process aborts after every check passed ("terminate called without an active
+    exception", status 134). ``os._exit`` skips finalization, as the forked children that ran these
+    checks before (torch.multiprocessing) did. A failed check still raises and exits non-zero."""
+    _two_worker_checks(rank, world, rendezvous, bert)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def test_gathered_loss_is_the_global_batch_loss(tmp_path, tiny_bert):
     """Two gloo processes: the gathered loss and the DDP-averaged gradients equal those of one
     process on the concatenated batch; the learner contrasts the global batch under DDP."""
@@ -237,7 +254,7 @@ def test_gathered_loss_is_the_global_batch_loss(tmp_path, tiny_bert):
     # threads once another test has started Ray, and such a child can deadlock or crash.
     root = Path(__file__).resolve().parents[2]
     rendezvous = tmp_path / "rendezvous"
-    code = "import sys; from tests.training.test_mulan_learner import _two_worker_checks as run; " \
+    code = "import sys; from tests.training.test_mulan_learner import _gloo_worker_main as run; " \
            "run(int(sys.argv[1]), 2, sys.argv[2], sys.argv[3])"
     logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
     workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(rendezvous), tiny_bert], cwd=root,
