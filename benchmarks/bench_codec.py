@@ -13,6 +13,14 @@ training time; the untrained codec is the baseline row. Variants:
 * ``ema``         SoundStream's EMA codebooks (k-means init, dead-code restarts, commitment loss)
 * ``factorized``  DAC's factorized, gradient-learned codes
 * ``ema-nodrop`` / ``factorized-nodrop``  the same without quantizer dropout (every step uses 12 levels)
+
+Pitch columns: how much of each 40-ms frame's predominant pitch class (the melody-adherence measure's
+salience chroma) the 4 coarse levels carry, the levels the coarse stage generates and melody
+conditioning must steer. "pitch kept": the fraction of held-out frames whose pitch class is the same
+after coding with the 4 coarse levels (chance ~0.1). "pitch CE": a small MLP reads the coarse levels'
+quantized latents of the frame and its neighbours, fitted on the training clips and scored on the
+held-out clips (cross-entropy in nats against the pitch-class prior, and accuracy; its best epoch of
+20, the same for every variant).
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ VARIANTS: dict[str, dict] = {
     "ema-nodrop": {"quantizer": "ema", "quantizer_dropout": 0.0},
     "factorized-nodrop": {"quantizer": "factorized", "quantizer_dropout": 0.0},
 }
+PITCH_LEVELS = 4  # the coarse levels
+PITCH_CONTEXT = 1  # neighbouring 40-ms frames the probe also reads, each side
+PITCH_EPOCHS = 20
 LEVELS = (1, 2, 4, 8, 12)
 
 
@@ -63,8 +74,66 @@ def evaluate(model, wavs: torch.Tensor) -> dict[str, float]:
     return row
 
 
+@torch.inference_mode()
+def _pitch_table(model, wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per 40-ms frame: the coarse levels' quantized latents of it and its neighbours ``[N, 2(2c+1) * D]`` and
+    its pitch class; and the fraction of frames whose pitch class survives coding with the coarse levels."""
+    from musiclm.evaluation.melody import frame_pitch_classes
+
+    model.eval()
+    x, y, kept, total = [], [], 0, 0
+    for wav in wavs:
+        codes = model.encode(torch.from_numpy(wav)[None], PITCH_LEVELS)  # [1, L, Fa] at 50 Hz
+        latent = model.quantizer.decode(codes.transpose(1, 2))[0]  # [Fa, D]
+        n = latent.shape[0] // 2  # 40-ms frames
+        c = PITCH_CONTEXT
+        padded = torch.cat([latent.new_zeros(2 * c, latent.shape[1]), latent[: 2 * n], latent.new_zeros(2 * c, latent.shape[1])])
+        x.append(padded.unfold(0, 2 * (2 * c + 1), 2).flatten(1))  # [n, D * 2(2c+1)]
+        pitch = frame_pitch_classes(wav, n)
+        y.append(torch.as_tensor(pitch))
+        decoded = model.decode(codes)[0].numpy()
+        kept += int((frame_pitch_classes(decoded, n) == pitch).sum())
+        total += n
+    return torch.cat(x), torch.cat(y), kept / max(total, 1)
+
+
+def pitch_information(model, train: list[np.ndarray], heldout: list[np.ndarray], seed: int) -> dict[str, float]:
+    """Held-out cross-entropy (nats) of the frames' pitch class from the coarse levels' latents, the prior's,
+    the probe's accuracy, and how often decoding the coarse levels keeps the pitch class."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    x_tr, y_tr, _ = _pitch_table(model, train)
+    x_te, y_te, kept = _pitch_table(model, heldout)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    prior = (torch.bincount(y_tr, minlength=12) + 1.0) / (len(y_tr) + 12.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = nn.Sequential(nn.Dropout(0.2), nn.Linear(x_tr.shape[1], 256), nn.ReLU(), nn.Linear(256, 12))
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
+    best = {"ce": float("inf"), "accuracy": 0.0}
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(PITCH_EPOCHS):
+            probe.train()
+            for batch in torch.randperm(len(y_tr), generator=generator).split(256):
+                loss = F.cross_entropy(probe(x_tr[batch]), y_tr[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            probe.eval()
+            with torch.no_grad():
+                out = probe(x_te)
+                ce = float(F.cross_entropy(out, y_te))
+            if ce < best["ce"]:
+                best = {"ce": ce, "accuracy": float((out.argmax(1) == y_te).float().mean())}
+    return {"pitch_prior_ce": float(-prior.log()[y_te].mean()), "pitch_ce": best["ce"],
+            "pitch_accuracy": best["accuracy"], "pitch_kept": kept}
+
+
 def train_variant(name: str, options: dict, train: list[np.ndarray], heldout: torch.Tensor, steps: int,
-                  seed: int) -> dict[str, float]:
+                  seed: int, heldout_clips: list[np.ndarray]) -> dict[str, float]:
     from musiclm.training.soundstream_learner import SoundStreamLearner
 
     learner = SoundStreamLearner("tiny", "cpu", seed=seed, **options)
@@ -80,6 +149,7 @@ def train_variant(name: str, options: dict, train: list[np.ndarray], heldout: to
     seconds = time.perf_counter() - start
     row = evaluate(learner.model, heldout)
     row.update(train_seconds=seconds, s_per_step=seconds / max(steps, 1))
+    row.update(pitch_information(learner.model, train, heldout_clips, seed))
     return row
 
 
@@ -100,26 +170,30 @@ def main() -> None:
 
     work = Path(args.workdir)
     train = corpus(work / "train", args.train_clips, seed=0, seconds=10.0)
-    heldout = torch.from_numpy(np.stack(corpus(work / "heldout", args.heldout_clips, seed=10_000, seconds=10.0)))
-    heldout = heldout[:, : 4 * 24000]  # the demo evaluates 4 s of each held-out clip
+    heldout_clips = corpus(work / "heldout", args.heldout_clips, seed=10_000, seconds=10.0)
+    heldout = torch.from_numpy(np.stack(heldout_clips))[:, : 4 * 24000]  # the demo evaluates 4 s of each clip
 
     from musiclm.tokenizers.soundstream import SoundStream, SoundStreamConfig
 
     rows: dict[str, dict[str, float]] = {}
     torch.manual_seed(args.seed)
-    rows["untrained"] = evaluate(SoundStream(SoundStreamConfig.preset("tiny")), heldout)
+    untrained = SoundStream(SoundStreamConfig.preset("tiny"))
+    rows["untrained"] = {**evaluate(untrained, heldout), **pitch_information(untrained, train, heldout_clips, args.seed)}
     for name in args.variants:
         print(f"training {name} ({args.steps} steps) ...", flush=True)
-        rows[name] = train_variant(name, {**VARIANTS[name], **extra}, train, heldout, args.steps, args.seed)
+        rows[name] = train_variant(name, {**VARIANTS[name], **extra}, train, heldout, args.steps, args.seed,
+                                   heldout_clips)
 
     print(f"\nSoundStream tiny, {args.steps} steps, {args.threads} thread(s), {heldout.shape[0]} held-out clips x 4 s"
           + (f", options {extra}" if extra else ""))
     header = ["variant", "s/step"] + [f"SI-SNR@{k}" for k in LEVELS] + [f"mel@{k}" for k in LEVELS] + ["ppl l0"]
+    header += ["pitch kept", "pitch CE (prior)", "pitch acc"]
     print(" | ".join(header))
     for name, row in rows.items():
         cells = [name, f"{row.get('s_per_step', float('nan')):.2f}"]
         cells += [f"{row[f'si_snr_{k}']:.2f}" for k in LEVELS] + [f"{row[f'mel_{k}']:.3f}" for k in LEVELS]
         cells.append(f"{row['perplexity_l0']:.1f}")
+        cells += [f"{row['pitch_kept']:.2f}", f"{row['pitch_ce']:.3f} ({row['pitch_prior_ce']:.3f})", f"{row['pitch_accuracy']:.2f}"]
         print(" | ".join(cells))
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": args.steps, "options": extra, "rows": rows}, indent=1))

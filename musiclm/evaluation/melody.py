@@ -37,8 +37,8 @@ import numpy as np
 
 from musiclm.constants import SAMPLE_RATE
 
-__all__ = ["adherence_report", "chroma_similarity", "frame_chroma", "melody_adherence", "melody_similarity",
-           "salience_chroma"]
+__all__ = ["adherence_report", "chroma_similarity", "frame_chroma", "frame_pitch_classes", "melody_adherence",
+           "melody_similarity", "salience_chroma"]
 
 N_FFT = 4096  # 170 ms at 24 kHz: 5.9-Hz bins resolve the semitones of the upper harmonics
 HOP_SECONDS = 0.05
@@ -118,6 +118,15 @@ def frame_chroma(wav: Any, sample_rate: int = SAMPLE_RATE, hop_seconds: float = 
     for pc in range(12):
         chroma[:, pc] = salience[:, (pc - lo) % 12 :: 12].sum(1)  # fold octaves
     return chroma / _flat_chroma(sample_rate), (spec**2).sum(1)  # a flat spectrum (noise, a click) has no pitch class
+
+
+def frame_pitch_classes(wav: Any, frames: int, hop_seconds: float = 0.04, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The strongest pitch class of each of ``frames`` frames of ``hop_seconds`` (default: one per 40-ms
+    semantic frame), ``[frames]`` int; the signal is zero-padded so that every frame exists."""
+    x = _as_wave(wav, sample_rate, "wav")
+    hop = int(round(hop_seconds * sample_rate))
+    padded = np.pad(x.astype(np.float32), (0, N_FFT + hop * frames))
+    return frame_chroma(padded, sample_rate, hop_seconds)[0][:frames].argmax(1)
 
 
 def salience_chroma(wav: Any, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

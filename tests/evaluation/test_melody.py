@@ -21,6 +21,7 @@ from musiclm.evaluation.melody import (
     CHANCE,
     adherence_report,
     chroma_similarity,
+    frame_pitch_classes,
     melody_adherence,
     salience_chroma,
 )
@@ -109,6 +110,15 @@ def test_invariant_to_key_tempo_and_timbre_but_not_to_note_order():
     backwards = melody_adherence(hum, render_hum(_retrograde(melody), SECONDS, SR, seed=6), SR)
     other = melody_adherence(hum, render_hum(corpus_melody(21, 1), SECONDS, SR, seed=7), SR)
     assert max(backwards, other) < min(scores.values()) - 0.3, (backwards, other, scores)
+
+
+def test_frame_pitch_classes_follow_a_tune_frame_by_frame():
+    t = np.arange(int(0.8 * SR)) / SR
+    a4, c5 = np.sin(2 * np.pi * 440.0 * t), np.sin(2 * np.pi * 523.25 * t)  # pitch classes 9 (A) and 0 (C)
+    classes = frame_pitch_classes(np.concatenate([a4, c5]), 40)  # 40 frames of 40 ms = 1.6 s
+    assert classes.shape == (40,)
+    assert (classes[2:16] == 9).all() and (classes[22:36] == 0).all()  # away from the change and the end
+    assert frame_pitch_classes(a4, 30).shape == (30,)  # frames past the end exist (zero-padded)
 
 
 def test_silence_and_clicks_have_no_melody():
