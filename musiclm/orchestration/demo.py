@@ -145,8 +145,12 @@ def run_demo(config: DemoConfig) -> Path:
                                                    str(ckpt), captions=str(heldout / "captions.jsonl"))
 
     for name in ("semantic", "coarse", "fine"):
-        # the coarse stage draws the pitch: it also takes the melody contour, frame by frame
-        train_component(name, shards / "tokens", melody=True, **({"contour": True} if name == "coarse" else {}))
+        options: dict[str, Any] = {"melody": True}
+        if name == "coarse":  # the coarse stage draws the pitch: it also takes the melody contour, frame by frame
+            options["contour"] = True
+        if name != "semantic":  # acoustic ids start from the codec's code vectors (training/code_embeddings.py)
+            options["codec_init"] = str(ckpt)
+        train_component(name, shards / "tokens", **options)
 
     with timer.step("serve (Ray Serve) and POST /generate"):
         results["serve"] = _serve_and_request(config, ckpt, work)

@@ -90,6 +90,23 @@ def block_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, block: int,
     return F.cross_entropy(own.float(), targets % block, reduction=reduction)
 
 
+def _start_from_codec(model: StageTransformer, config: StageConfig, folder: str, token_info: dict[str, Any] | None,
+                      seed: int) -> None:
+    """``add_code_vectors`` from the SoundStream in ``folder``, after checking it is the shards' codec."""
+    from musiclm.checkpoint import CONFIG_FILE, artifact_id
+    from musiclm.tokenizers.backends import load_acoustic
+    from musiclm.training.code_embeddings import acoustic_code_vectors, add_code_vectors
+
+    codec_dir = os.path.join(folder, "soundstream")
+    if not os.path.isfile(os.path.join(codec_dir, CONFIG_FILE)):
+        raise ValueError(f"codec_init: no trained SoundStream in {codec_dir} (give the folder that holds soundstream/)")
+    recorded = ((token_info or {}).get("acoustic") or {}).get("ids", {}).get("soundstream")
+    found = artifact_id(codec_dir)
+    if recorded is not None and recorded != found:
+        raise ValueError(f"codec_init: {codec_dir} holds codec {found}, but the shards were tokenized with {recorded}")
+    add_code_vectors(model, config, acoustic_code_vectors(load_acoustic(folder)), seed=seed)
+
+
 class StageLearner:
     """Trains the Transformer of one stage; exports an artifact of kind ``stage``."""
 
@@ -117,6 +134,7 @@ class StageLearner:
         melody_codebook_size: int | None = None,
         precision: str = "fp32",
         contour: bool = False,
+        codec_init: str | None = None,
     ) -> None:
         """``rates``: the token rates of the shards (``TokenRates`` or its dict; default the paper's), which
         size the vocabulary and sequences; ``token_info``: the shards' tokenizer record, kept in the export.
@@ -124,7 +142,10 @@ class StageLearner:
         Melody conditioning: ``melody_codebooks`` / ``melody_codebook_size`` (the melody RVQ's), or
         ``melody=True`` to read them from ``token_info["melody"]`` (``num_codebooks``, ``codebook_size``).
         ``contour``: also condition on the melody contour (``sample["contour"]``, :mod:`musiclm.tokenizers.contour`).
-        ``precision``: ``"fp32"``, or ``"bf16"`` to run the forward under ``torch.autocast`` with bfloat16."""
+        ``precision``: ``"fp32"``, or ``"bf16"`` to run the forward under ``torch.autocast`` with bfloat16.
+        ``codec_init``: a folder holding the codec the shards were tokenized with (``soundstream/``, e.g. the
+        checkpoints folder): the acoustic embeddings and output rows start from its code vectors
+        (:mod:`musiclm.training.code_embeddings`)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGES)}")
         if not 0.0 <= conditioning_dropout <= 1.0:
@@ -146,7 +167,10 @@ class StageLearner:
         self.warmup_steps = defaults["warmup_steps"] if warmup_steps is None else warmup_steps
         self.max_steps = max_steps  # None: constant learning rate after warmup; else cosine to 10% at max_steps
         self.rng = np.random.default_rng(seed)
-        self.model = wrap_model(StageTransformer(self.config.transformer).to(self.device))
+        model = StageTransformer(self.config.transformer)
+        if codec_init is not None:
+            _start_from_codec(model, self.config, codec_init, token_info, seed)
+        self.model = wrap_model(model.to(self.device))
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         wd = defaults["weight_decay"] if weight_decay is None else weight_decay
