@@ -34,17 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SEMANTIC_HOP_SECONDS = 0.04  # 25 Hz
-
-
-def frame_pitch_classes(wav: np.ndarray, frames: int, sample_rate: int = 24_000) -> np.ndarray:
-    """The strongest pitch class of each 40-ms frame [frames] (the adherence measure's salience chroma)."""
-    from musiclm.evaluation.melody import N_FFT, frame_chroma
-
-    hop = int(SEMANTIC_HOP_SECONDS * sample_rate)
-    padded = np.pad(wav.astype(np.float32), (0, N_FFT + hop * frames))  # at least `frames` frames
-    return frame_chroma(padded, sample_rate, SEMANTIC_HOP_SECONDS)[0][:frames].argmax(1)
-
 
 def clips(token_dir: Path, limit: int) -> list[dict]:
     """Token samples with their source audio (mono 24 kHz, the window the tokens were made from)."""
@@ -63,7 +52,7 @@ def clips(token_dir: Path, limit: int) -> list[dict]:
     return out
 
 
-def adherence_rows(ckpt: Path, samples: list[dict], seed: int) -> dict[str, list[float]]:
+def adherence_rows(ckpt: Path, samples: list[dict], seed: int, guidance: float = 1.0) -> dict[str, list[float]]:
     from musiclm.evaluation.melody import melody_adherence
     from musiclm.generation.cascade import Cascade
     from musiclm.generation.plan import drive, plan_steps
@@ -83,7 +72,8 @@ def adherence_rows(ckpt: Path, samples: list[dict], seed: int) -> dict[str, list
             contour = sample.get("contour")
             contour = melody_contour(sample["audio"]) if contour is None else np.asarray(contour, dtype=np.int64)
         spec = GenerationSpec.single("(the clip's MuLan tokens)", float(sample["json"]["end"] - sample["json"]["start"]),
-                                     seed=seed, num_samples=1, melody_tokens=tokens, melody_contour=contour)
+                                     seed=seed, num_samples=1, melody_tokens=tokens, melody_contour=contour,
+                                     guidance_scale=guidance)
         execute, position = cascade.executor(), [0]
         semantic = np.asarray(sample["semantic"], dtype=np.int64)[None]  # [1, Fs]
 
@@ -118,6 +108,7 @@ def adherence_rows(ckpt: Path, samples: list[dict], seed: int) -> dict[str, list
 
 def pitch_information(ckpt: Path, train: list[dict], heldout: list[dict]) -> dict[str, float]:
     """Held-out cross-entropy (nats) of the frames' pitch class: prior, from semantic tokens, from features."""
+    from musiclm.evaluation.melody import frame_pitch_classes
     from musiclm.tokenizers import backends
 
     features = backends.load_semantic_features(ckpt)
@@ -165,12 +156,14 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=4, help="held-out clips to generate for")
     parser.add_argument("--probe-clips", type=int, default=90, help="training clips fitting the pitch predictors")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale of every generation (1: none; the same with and without melody)")
     args = parser.parse_args()
     work = Path(args.workdir)
     ckpt, shards = work / "checkpoints", work / "shards"
     heldout = clips(shards / "heldout-tokens", max(args.clips, 16))
-    print(f"melody adherence along the cascade ({args.clips} held-out clips of {ckpt}):")
-    rows = adherence_rows(ckpt, heldout[: args.clips], args.seed)
+    print(f"melody adherence along the cascade ({args.clips} held-out clips of {ckpt}, guidance {args.guidance}):")
+    rows = adherence_rows(ckpt, heldout[: args.clips], args.seed, args.guidance)
     width = max(len(k) for k in rows)
     for name, values in rows.items():
         print(f"  {name:<{width}}  {np.mean(values):.3f} ± {np.std(values):.3f}")
