@@ -89,10 +89,10 @@ def _pitch_table(model, wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
         c = PITCH_CONTEXT
         padded = torch.cat([latent.new_zeros(2 * c, latent.shape[1]), latent[: 2 * n], latent.new_zeros(2 * c, latent.shape[1])])
         x.append(padded.unfold(0, 2 * (2 * c + 1), 2).flatten(1))  # [n, D * 2(2c+1)]
-        pitch = frame_pitch_classes(wav, n)
+        pitch = frame_pitch_classes(wav, n)[0]
         y.append(torch.as_tensor(pitch))
         decoded = model.decode(codes)[0].numpy()
-        kept += int((frame_pitch_classes(decoded, n) == pitch).sum())
+        kept += int((frame_pitch_classes(decoded, n)[0] == pitch).sum())
         total += n
     return torch.cat(x), torch.cat(y), kept / max(total, 1)
 

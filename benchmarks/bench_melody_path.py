@@ -122,7 +122,7 @@ def pitch_information(ckpt: Path, train: list[dict], heldout: list[dict]) -> dic
             n = min(len(semantic), len(f))
             tokens.append(semantic[:n])
             feats.append(f[:n])
-            pitch.append(frame_pitch_classes(s["audio"], n))
+            pitch.append(frame_pitch_classes(s["audio"], n)[0])
         return np.concatenate(tokens), np.concatenate(feats), np.concatenate(pitch)
 
     tok_tr, feat_tr, pc_tr = table(train)

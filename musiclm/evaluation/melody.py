@@ -120,13 +120,17 @@ def frame_chroma(wav: Any, sample_rate: int = SAMPLE_RATE, hop_seconds: float = 
     return chroma / _flat_chroma(sample_rate), (spec**2).sum(1)  # a flat spectrum (noise, a click) has no pitch class
 
 
-def frame_pitch_classes(wav: Any, frames: int, hop_seconds: float = 0.04, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def frame_pitch_classes(wav: Any, frames: int, hop_seconds: float = 0.04, sample_rate: int = SAMPLE_RATE,
+                        centred: bool = False, name: str = "wav") -> tuple[np.ndarray, np.ndarray]:
     """The strongest pitch class of each of ``frames`` frames of ``hop_seconds`` (default: one per 40-ms
-    semantic frame), ``[frames]`` int; the signal is zero-padded so that every frame exists."""
-    x = _as_wave(wav, sample_rate, "wav")
+    semantic frame), ``[frames]`` int, and each frame's energy ``[frames]``. Frame ``i``'s 170-ms analysis
+    window starts at ``i * hop`` (or is ``centred`` on the frame); the signal is zero-padded so that every
+    frame exists."""
+    x = _as_wave(wav, sample_rate, name)
     hop = int(round(hop_seconds * sample_rate))
-    padded = np.pad(x.astype(np.float32), (0, N_FFT + hop * frames))
-    return frame_chroma(padded, sample_rate, hop_seconds)[0][:frames].argmax(1)
+    padded = np.pad(x.astype(np.float32), (N_FFT // 2 - hop // 2 if centred else 0, N_FFT + hop * frames))
+    chroma, energy = frame_chroma(padded, sample_rate, hop_seconds)
+    return chroma[:frames].argmax(1), energy[:frames]
 
 
 def salience_chroma(wav: Any, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -34,7 +34,7 @@ def melody_contour(wav: Any, frames: int | None = None, sample_rate: int = SAMPL
 
     ``frames`` defaults to ``round(T / 960)`` at 24 kHz (one per semantic frame of the audio).
     """
-    from musiclm.evaluation.melody import N_FFT, VOICED_DB, _as_wave, frame_chroma
+    from musiclm.evaluation.melody import VOICED_DB, _as_wave, frame_pitch_classes
 
     x = _as_wave(wav, sample_rate, "melody")
     hop = int(round(FRAME_SECONDS * sample_rate))
@@ -42,11 +42,8 @@ def melody_contour(wav: Any, frames: int | None = None, sample_rate: int = SAMPL
         frames = int(round(x.size / hop))
     if frames < 1:
         raise ValueError(f"a melody of {x.size / sample_rate:.3f} s has no 40-ms frame")
-    # each analysis window (170 ms) is centred on its 40-ms frame, then at least `frames` windows
-    padded = np.pad(x.astype(np.float32), (N_FFT // 2 - hop // 2, N_FFT + hop * frames))
-    chroma, energy = frame_chroma(padded, sample_rate, FRAME_SECONDS)
-    chroma, energy = chroma[:frames], energy[:frames]  # [F, 12], [F]
-    contour = chroma.argmax(axis=1).astype(np.int8)
+    classes, energy = frame_pitch_classes(x, frames, FRAME_SECONDS, sample_rate, centred=True)  # [F], [F]
+    contour = classes.astype(np.int8)
     loud = np.percentile(energy, 90)
     contour[energy <= loud * 10.0 ** (-VOICED_DB / 10.0)] = UNPITCHED  # rests, silence (all of it when silent)
     return contour

@@ -115,10 +115,11 @@ def test_invariant_to_key_tempo_and_timbre_but_not_to_note_order():
 def test_frame_pitch_classes_follow_a_tune_frame_by_frame():
     t = np.arange(int(0.8 * SR)) / SR
     a4, c5 = np.sin(2 * np.pi * 440.0 * t), np.sin(2 * np.pi * 523.25 * t)  # pitch classes 9 (A) and 0 (C)
-    classes = frame_pitch_classes(np.concatenate([a4, c5]), 40)  # 40 frames of 40 ms = 1.6 s
-    assert classes.shape == (40,)
+    classes, energy = frame_pitch_classes(np.concatenate([a4, c5]), 40)  # 40 frames of 40 ms = 1.6 s
+    assert classes.shape == energy.shape == (40,)
     assert (classes[2:16] == 9).all() and (classes[22:36] == 0).all()  # away from the change and the end
-    assert frame_pitch_classes(a4, 30).shape == (30,)  # frames past the end exist (zero-padded)
+    past_end = frame_pitch_classes(a4, 30)[1]  # 30 frames of a 0.8-s tone: frames past the end exist (zero-padded)
+    assert past_end.shape == (30,) and past_end[25] == 0.0 < past_end[5]  # frame 25 (1.0 s) is silence
 
 
 def test_silence_and_clicks_have_no_melody():
