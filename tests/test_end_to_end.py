@@ -25,7 +25,9 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
         melodies=4,
         renditions=2,
         story=(("calm piano", 1.0), ("fast techno", 1.0)),
-        steps={name: 6 for name in ("soundstream", "w2vbert", "mulan", "melody", "semantic", "coarse", "fine")},
+        steps={name: 6 for name in ("soundstream", "w2vbert", "mulan", "melody", "semantic", "coarse", "fine",
+                                    "pitch_probe")},
+        melody_samples=2,
     )
     report = run_demo(config)
     import torch
@@ -37,7 +39,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
 
     # every component trained into its own artifact folder
     for name in ("soundstream", "w2vbert", "semantic_kmeans", "mulan", "mulan_rvq", "melody", "melody_rvq",
-                 "semantic", "coarse", "fine"):
+                 "semantic", "coarse", "fine", "pitch_probe"):
         folder = work / "checkpoints" / name
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
 
@@ -86,6 +88,9 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_session):
     assert stage["melody_codebooks"] == sample["melody"].shape[1]
     melody = results["melody"]  # adherence to the hum with and without it, same prompt and seeds
     assert 0 <= melody["conditioned"] <= 1 and 0 <= melody["unconditioned"] <= 1
+    assert 0 <= melody["steered"] <= 1 and melody["pitch_guidance"] == config.pitch_guidance  # the pitch probe's row
+    assert main(["generate", "calm piano", "--checkpoints", str(work / "checkpoints"), "--seconds", "1",
+                 "--melody", str(work / "hum.wav"), "--pitch-guidance", "10", "--out", str(work / "steered.wav")]) == 0
     retrieval = results["learning"]["melody"]  # the embedder on melodies of another seed, every rendition a query
     assert retrieval["recordings"] == retrieval["melodies"] * 2 and 0 <= retrieval["chance_r1"] < 1
     assert 0 <= retrieval["r1"] <= 1 and retrieval["anchors"] == 1.0

@@ -266,7 +266,8 @@ class Cascade:
     ``frame_rate`` / ``num_codebooks`` / ``codebook_size`` must agree with them.
     """
 
-    def __init__(self, semantic: Stage, coarse: Stage, fine: Stage, conditioner: Any, codec: Any) -> None:
+    def __init__(self, semantic: Stage, coarse: Stage, fine: Stage, conditioner: Any, codec: Any,
+                 pitch_probe: Any = None) -> None:
         for name, stage in (("semantic", semantic), ("coarse", coarse), ("fine", fine)):
             if stage.config.stage != name:
                 raise ValueError(f"the {name} slot holds a {stage.config.stage} stage")
@@ -279,6 +280,7 @@ class Cascade:
         self.semantic, self.coarse, self.fine = semantic, coarse, fine
         self.conditioner = conditioner
         self.codec = codec
+        self.pitch_probe = pitch_probe  # optional: steers the coarse draws toward a melody (spec.pitch_guidance)
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu") -> Cascade:
@@ -297,7 +299,12 @@ class Cascade:
         # the conditioner and the codec run once per request: they stay on the CPU
         conditioner = backends.load_conditioner(root, preset=preset)
         codec = backends.load_acoustic(root, preset=preset)
-        return cls(stages["semantic"], stages["coarse"], stages["fine"], conditioner, codec)
+        probe = None
+        if (root / "pitch_probe").is_dir():  # optional (``musiclm train pitch_probe``)
+            from musiclm.training.pitch_probe_learner import load_pitch_probe
+
+            probe = load_pitch_probe(root / "pitch_probe", device=_device(stages["coarse"].model))
+        return cls(stages["semantic"], stages["coarse"], stages["fine"], conditioner, codec, probe)
 
     def generate_tokens(
         self,
@@ -362,7 +369,8 @@ class Cascade:
         def execute(call: Call) -> Any:
             if call.kind in windows:
                 window, stage = windows[call.kind]
-                return window(stage.model, stage.config, **call.kwargs)
+                extra = {"pitch_probe": self.pitch_probe} if call.kind == "coarse" else {}
+                return window(stage.model, stage.config, **call.kwargs, **extra)
             if call.kind == "condition":
                 with torch.inference_mode():
                     return torch.as_tensor(self.conditioner.tokens_text(call.kwargs["prompts"])).cpu().numpy()

@@ -48,6 +48,7 @@ def _ranges(allowed_range: Ranges, num_new: int, num_outputs: int) -> list[tuple
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+LogitBias = Callable[[int, torch.Tensor], torch.Tensor]  # (i, tokens drawn so far [i, B]) -> [B, hi - lo]
 
 
 def _check_options(
@@ -173,6 +174,7 @@ def sample(
     guidance_scale: float = 1.0,
     uncond_prefix: torch.Tensor | None = None,
     frames: torch.Tensor | None = None,
+    logit_bias: LogitBias | None = None,
 ) -> torch.Tensor:
     """Continue ``prefix`` [B, L0] by ``num_new`` tokens with the KV cache -> tokens [B, num_new].
 
@@ -183,6 +185,8 @@ def sample(
     rows run as one batch and both copies of a row are fed the token drawn from the mixed logits.
     ``frames`` [B, L0 + num_new]: every position's frame class, for a model with frame conditioning (the
     melody contour; position i's class is that of the frame position i + 1 belongs to).
+    ``logit_bias(i, drawn [i, B]) -> [B, hi - lo]``: added to new token i's (guided) logits over its allowed
+    range, before temperature and truncation (e.g. a classifier's log-probabilities, FUDGE-style).
     """
     _check(model, prefix, num_new)
     B, L0 = prefix.shape
@@ -202,7 +206,10 @@ def sample(
         logits = model.prefill(rows, None if frame_rows is None else frame_rows[:, :L0])[:, lo:hi]  # [B or 2B, hi - lo]
         for i in range(num_new):
             token = out[i]  # [B]
-            torch.add(_pick(_guide(logits, B, scale), temperature, top_k, generator, top_p), lo, out=token)
+            mixed = _guide(logits, B, scale)  # [B, hi - lo]
+            if logit_bias is not None:
+                mixed = mixed + logit_bias(i, out[:i])
+            torch.add(_pick(mixed, temperature, top_k, generator, top_p), lo, out=token)
             if i + 1 < num_new:
                 lo, hi = ranges[i + 1]
                 step = token.view(B, 1)  # [B] -> [B, 1]
@@ -228,6 +235,7 @@ def sample_without_cache(
     guidance_scale: float = 1.0,
     uncond_prefix: torch.Tensor | None = None,
     frames: torch.Tensor | None = None,
+    logit_bias: LogitBias | None = None,
 ) -> torch.Tensor:
     """The same draws as ``sample``, recomputing the whole sequence each step and drawing with
     ``torch.multinomial`` (the reference the tests hold ``sample`` to, and a benchmark baseline)."""
@@ -246,7 +254,10 @@ def sample_without_cache(
         for i, (lo, hi) in enumerate(ranges):
             here = None if frame_rows is None else frame_rows[:, : L0 + i]
             logits = model(seq[:, : L0 + i], frames=here)[:, -1]  # [B or 2B, V_out]
-            picked = _pick(_guide(logits[:, lo:hi], B, scale), temperature, top_k, generator, top_p, _multinomial_reference)
+            mixed = _guide(logits[:, lo:hi], B, scale)  # [B, hi - lo]
+            if logit_bias is not None:
+                mixed = mixed + logit_bias(i, seq[:B, L0 : L0 + i].t())
+            picked = _pick(mixed, temperature, top_k, generator, top_p, _multinomial_reference)
             token = picked + lo  # [B]
             seq[:, L0 + i] = torch.cat([token, token]) if guided else token
     finally:

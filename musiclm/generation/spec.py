@@ -43,14 +43,18 @@ class Segment:
 @dataclass(frozen=True)
 class Sampling:
     """How one stage draws its tokens: temperature (0 = greedy), top-k / top-p (nucleus) truncation,
-    and the classifier-free guidance scale (1 = plain conditional sampling)."""
+    the classifier-free guidance scale (1 = plain conditional sampling) and the pitch guidance weight
+    (:mod:`musiclm.models.pitch_probe`; 0 = off)."""
 
     temperature: float
     top_k: int | None = None
     top_p: float | None = None
     guidance_scale: float = 1.0
+    pitch_guidance: float = 0.0  # lambda of the pitch probe's log-probability (coarse stage; 0 = off)
 
     def __post_init__(self) -> None:
+        if not _is_number(self.pitch_guidance) or not math.isfinite(self.pitch_guidance) or self.pitch_guidance < 0:
+            raise ValueError(f"pitch_guidance must be a finite number >= 0, got {self.pitch_guidance!r}")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
@@ -68,7 +72,9 @@ class GenerationSpec:
     ``temperatures`` (missing stages use their config's), top-k / top-p and guidance for every stage,
     optional melody tokens ``[Fm, Qmel]`` and melody contour ``[Fc]`` (one class per 40-ms frame, see
     :mod:`musiclm.tokenizers.contour`; both tiled over a long piece), and ``rerank``: order the rows by
-    MuLan text-audio similarity, best first (the audio then arrives at the end, not window by window)."""
+    MuLan text-audio similarity, best first (the audio then arrives at the end, not window by window).
+    ``pitch_guidance`` > 0 (with a melody): the coarse stage's draws are steered toward the contour's pitch
+    classes by the pitch probe (:mod:`musiclm.models.pitch_probe`), with this weight."""
 
     segments: tuple[Segment, ...]
     seed: int = 0
@@ -80,6 +86,7 @@ class GenerationSpec:
     melody_tokens: np.ndarray | None = field(default=None, compare=False)
     rerank: bool = False
     melody_contour: np.ndarray | None = field(default=None, compare=False)
+    pitch_guidance: float = 0.0
 
     def __post_init__(self) -> None:
         segments = self.segments
@@ -103,7 +110,9 @@ class GenerationSpec:
                     Sampling(t)
                 except ValueError as exc:
                     raise ValueError(f"temperatures['{stage}']: {exc}") from None
-        Sampling(1.0, self.top_k, self.top_p, self.guidance_scale)  # checks top_k, top_p, guidance_scale
+        Sampling(1.0, self.top_k, self.top_p, self.guidance_scale, self.pitch_guidance)  # checks them
+        if self.pitch_guidance and self.melody_contour is None:
+            raise ValueError("pitch_guidance steers the output toward a melody: give a melody (melody_contour)")
         if not isinstance(self.rerank, bool):
             raise ValueError(f"rerank must be true or false, got {self.rerank!r}")
         if self.rerank and self.num_samples < 2:
@@ -139,7 +148,8 @@ class GenerationSpec:
         if stage not in STAGE_NAMES:
             raise ValueError(f"unknown stage '{stage}': valid stages are {', '.join(STAGE_NAMES)}")
         temperature = (self.temperatures or {}).get(stage, default_temperature)
-        return Sampling(float(temperature), self.top_k, self.top_p, float(self.guidance_scale))
+        pitch = float(self.pitch_guidance) if stage == "coarse" else 0.0  # the coarse stage draws the pitch
+        return Sampling(float(temperature), self.top_k, self.top_p, float(self.guidance_scale), pitch)
 
 
 def parse_story(items: Sequence[str]) -> tuple[Segment, ...]:

@@ -119,11 +119,40 @@ def _draw(
     allowed: Any,
     generators: list | None,
     frames: torch.Tensor | None = None,
+    logit_bias: Any = None,
 ) -> torch.Tensor:
     """``sample`` with the window's settings: ids [B, num_new]."""
     guidance = {} if uncond is None else {"guidance_scale": sampling.guidance_scale, "uncond_prefix": uncond}
     return sample(model, prefix, num_new, temperature=sampling.temperature, top_k=sampling.top_k,
-                  top_p=sampling.top_p, allowed_range=allowed, generator=generators, frames=frames, **guidance)
+                  top_p=sampling.top_p, allowed_range=allowed, generator=generators, frames=frames,
+                  logit_bias=logit_bias, **guidance)
+
+
+def pitch_bias(probe: Any, cfg: StageConfig, contour: torch.Tensor, done: int, weight: float) -> Any:
+    """The coarse window's ``logit_bias`` (sampler): new token i (level ``q = i % Kc`` of acoustic frame
+    ``done + i // Kc``) gets ``weight * log p(target | the frame's levels < q + candidate)`` from the pitch
+    ``probe`` (:mod:`musiclm.models.pitch_probe`), the target being the contour's class of the frame's 40-ms
+    frame (``contour`` [B, n]); unpitched frames get no bias."""
+    from musiclm.tokenizers.contour import PITCH_CLASSES
+
+    layout, r = cfg.layout, cfg.rates
+    Kc, per = r.coarse_levels, r.frames_per_semantic
+    if probe.config.levels != Kc or probe.config.codebook_size != r.acoustic_codebook_size:
+        raise ValueError(f"the pitch probe reads {probe.config.levels} levels of {probe.config.codebook_size} codes; "
+                         f"the coarse stage draws {Kc} of {r.acoustic_codebook_size}")
+    offsets = [layout.acoustic_offsets[q] for q in range(Kc)]
+    vectors = probe.code_vectors.to(contour.device)  # [Kc, V, D]
+
+    def bias(i: int, drawn: torch.Tensor) -> torch.Tensor:  # drawn [i, B] ids
+        q, frame = i % Kc, done + i // Kc
+        target = contour[:, frame // per]  # [B]
+        latent = vectors.new_zeros(target.shape[0], vectors.shape[2])  # [B, D]: the frame's levels < q
+        for level in range(q):
+            latent = latent + vectors[level][drawn[i - q + level] - offsets[level]]
+        log_probs = probe.candidate_log_probs(latent, q, target.clamp(max=PITCH_CLASSES - 1))  # [B, V]
+        return weight * log_probs * (target < PITCH_CLASSES).to(log_probs.dtype)[:, None]
+
+    return bias
 
 
 def _check_stage(cfg: StageConfig, stage: str) -> None:
@@ -175,10 +204,12 @@ def coarse_window(
     seeds: Sequence[SeedRow] | None = None,
     melody: Any = None,
     contour: Any = None,
+    pitch_probe: Any = None,
 ) -> np.ndarray:
     """Coarse codes [B, Kc, p n - Pa] of the frames after ``prefix`` [B, Kc, Pa] for the window's
     semantic codes ``semantic`` [B, n] (n <= the crop; p acoustic frames per semantic frame), and its
-    ``contour`` [B, n] for a stage trained with the melody contour."""
+    ``contour`` [B, n] for a stage trained with the melody contour. ``sampling.pitch_guidance`` > 0
+    steers the draws toward the contour with ``pitch_probe`` (``pitch_bias``)."""
     _check_stage(cfg, "coarse")
     device, layout, r = model_device(model), cfg.layout, cfg.rates
     cond, uncond = _conditions(cfg, mulan, melody, sampling, device)
@@ -199,7 +230,14 @@ def coarse_window(
     gens = _generators(seeds, "coarse", B, device)
     region = cond.shape[1] + n + 1  # the first acoustic id of the window
     frames = _frames(cfg, contour, B, n, region, ids.shape[1] + num_new, device)
-    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens, frames)
+    bias = None
+    if sampling.pitch_guidance:
+        if contour is None or pitch_probe is None:
+            raise ValueError("pitch_guidance needs the melody contour and a pitch probe (checkpoints/pitch_probe, "
+                             "`musiclm train pitch_probe`), and a coarse stage trained with the contour")
+        target = check_codes(contour, "contour", (B, n), cfg.transformer.frame_classes, device)
+        bias = pitch_bias(pitch_probe, cfg, target, done, sampling.pitch_guidance)
+    new = _draw(model, ids, uncond_ids, num_new, sampling, layout.allowed_ranges(num_new), gens, frames, bias)
     return layout.generated_codes(new).cpu().numpy()  # [B, Kc, p n - Pa]
 
 

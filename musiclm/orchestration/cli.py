@@ -214,7 +214,8 @@ def _generation_spec(args: argparse.Namespace, melody_tokens: Any = None, melody
     return GenerationSpec(segments=segments, seed=args.seed, num_samples=args.num_samples,
                           temperatures=temperatures or None, top_k=args.top_k, top_p=args.top_p,
                           guidance_scale=args.guidance_scale, melody_tokens=melody_tokens, rerank=args.rerank,
-                          melody_contour=melody_contour)
+                          melody_contour=melody_contour,
+                          pitch_guidance=args.pitch_guidance if melody_contour is not None else 0.0)
 
 
 def _out_paths(out: str, n: int) -> list[str]:
@@ -233,6 +234,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--seconds must be positive")
     if args.report_melody and not args.melody:
         raise UserError("--report-melody needs --melody")
+    if args.pitch_guidance and not args.melody:
+        raise UserError("--pitch-guidance steers toward a melody: it needs --melody")
     from musiclm.audio import load_audio, write_wav
     from musiclm.constants import SAMPLE_RATE
     from musiclm.generation.cascade import Cascade, collect
@@ -253,6 +256,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         melody_contour = melody_contour_of(melody_wav)  # [F]: one pitch class per 40-ms frame
     spec = _generation_spec(args, melody_tokens, melody_contour)
     cascade = Cascade.load(args.checkpoints)
+    if spec.pitch_guidance and (cascade.pitch_probe is None or not cascade.coarse.config.contour):
+        raise UserError(f"--pitch-guidance needs a pitch probe ({args.checkpoints}/pitch_probe: `musiclm train "
+                        "pitch_probe`) and a coarse stage trained with the contour (--option contour=true)")
     if melody_tokens is not None and not cascade.semantic.config.melody_codebooks:
         raise UserError("these stages were trained without melody conditioning: train them on shards with "
                         "melody tokens (--option melody=true), or leave out --melody")
@@ -274,7 +280,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         from musiclm.evaluation.melody import melody_adherence
 
-        plain = cascade.generate_spec(replace(spec, melody_tokens=None, melody_contour=None))  # the same request without the melody
+        plain = cascade.generate_spec(replace(spec, melody_tokens=None, melody_contour=None,
+                                              pitch_guidance=0.0))  # the same request without the melody
         with_melody = [melody_adherence(melody_wav, wav) for wav in audio]
         without = [melody_adherence(melody_wav, wav) for wav in plain]
         print(f"melody adherence (chroma similarity to {args.melody}, 1 = same melody): "
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="crop window (default: the semantic stage's training crop of the tokenizers' preset)")
 
     train = sub.add_parser("train", help="train a tokenizer or a stage with Ray Train")
-    train.add_argument("component", choices=[*TOKENIZER_COMPONENTS, *STAGES])
+    train.add_argument("component", choices=[*TOKENIZER_COMPONENTS, *STAGES, "pitch_probe"])
     train.add_argument("--data", required=True, help="audio shards (tokenizers) or token shards (stages)")
     train.add_argument("--out", required=True, help="checkpoint folder of this component")
     train.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
@@ -443,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--guidance-scale", type=float, default=1.0,
                           help="classifier-free guidance (1 = none; > 1 follows the prompt more closely)")
+    generate.add_argument("--pitch-guidance", type=float, default=0.0,
+                          help="with --melody: steer the coarse stage toward the melody's pitch with the pitch probe "
+                               "(checkpoints/pitch_probe; 0 = off, the demo uses 10)")
     generate.add_argument("--out", default="musiclm.wav")
     generate.add_argument("--t-semantic", type=float)
     generate.add_argument("--t-coarse", type=float)

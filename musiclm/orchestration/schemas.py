@@ -41,6 +41,7 @@ MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**31 - 1
 MAX_TOP_K = 65_536
 MAX_GUIDANCE_SCALE = 20.0
+MAX_PITCH_GUIDANCE = 100.0
 DEFAULT_MAX_STORY_SEGMENTS = 16
 DEFAULT_MAX_NUM_SAMPLES = 4
 STAGES = ("semantic", "coarse", "fine")
@@ -148,6 +149,10 @@ class GenerateRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling: the smallest set of mass p.")
     guidance_scale: float = Field(
         default=1.0, ge=0, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance (1 = none)."
+    )
+    pitch_guidance: float = Field(
+        default=0.0, ge=0, le=MAX_PITCH_GUIDANCE,
+        description="With a melody upload: steer the coarse stage toward the melody's pitch with the pitch probe (0 = off).",
     )
     temperatures: Temperatures | None = Field(
         default=None, description="Sampling temperatures per stage, each in (0, 5]."

@@ -190,12 +190,21 @@ class _Stage(_ModelReplica):
         self.artifacts[self.stage]["rates"] = self.config.rates.to_dict()
         self.window = {"semantic": windows.semantic_window, "coarse": windows.coarse_window,
                        "fine": windows.fine_window}[self.stage]
+        self.extra: dict[str, Any] = {}  # the coarse stage's optional pitch probe (a request's pitch_guidance)
+        if self.stage == "coarse" and (self.root / "pitch_probe").is_dir():
+            from musiclm.training.pitch_probe_learner import load_pitch_probe
+
+            self.extra["pitch_probe"] = load_pitch_probe(self.root / "pitch_probe", device=self.device)
         self.generate = self.batched(self._generate)
 
     def _generate(self, rows: list[dict[str, Any]]) -> list[np.ndarray]:
         """Rows of one group -> one window call with B rows -> B results [1, ...]."""
-        out = np.asarray(self.window(self.model, self.config, **stack_rows(rows)))
+        out = np.asarray(self.window(self.model, self.config, **stack_rows(rows), **self.extra))
         return list(np.split(out, len(rows), axis=0))
+
+    def has_pitch_probe(self) -> bool:
+        """Whether this stage can take ``pitch_guidance`` (a coarse stage with ``<checkpoints>/pitch_probe``)."""
+        return "pitch_probe" in self.extra
 
     def stage_config(self) -> Any:
         """This stage's ``StageConfig`` (crop, rates, melody): what ``plan_steps`` schedules windows with."""

@@ -105,9 +105,16 @@ class MusicLMService:
                 temperatures=request.temperatures.model_dump(exclude_none=True) if request.temperatures else None,
                 top_k=request.top_k, top_p=request.top_p, guidance_scale=request.guidance_scale,
                 melody_tokens=melody_tokens, rerank=request.rerank, melody_contour=melody_contour,
+                pitch_guidance=request.pitch_guidance if melody_contour is not None else 0.0,
             )
         except ValueError as exc:
             raise ClientError(422, None, str(exc)) from exc
+        if request.pitch_guidance:
+            if melody_contour is None:
+                raise ClientError(422, "pitch_guidance", "pitch_guidance steers toward a melody: upload one")
+            if not await self.handles["coarse"].has_pitch_probe.remote():
+                raise ClientError(422, "pitch_guidance", "this deployment has no pitch probe (checkpoints/pitch_probe; "
+                                                         "`musiclm train pitch_probe`)")
         try:
             segment_edges(spec, configs["semantic"].rates.semantic_frame_rate)
         except ValueError as exc:

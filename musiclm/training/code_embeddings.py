@@ -12,12 +12,15 @@ transfers to the codes near it. The random part keeps every id, and every level,
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 
 from musiclm.models.stages import StageConfig
 from musiclm.models.transformer import StageTransformer
 
-__all__ = ["acoustic_code_vectors", "add_code_vectors"]
+__all__ = ["acoustic_code_vectors", "add_code_vectors", "codec_code_vectors"]
 
 INIT_STD = 0.02  # the embedding's own init (StageTransformer._init_weights)
 
@@ -30,6 +33,22 @@ def acoustic_code_vectors(codec: torch.nn.Module) -> torch.Tensor:
         raise ValueError(f"{type(codec).__name__} has no residual quantizer to take code vectors from")
     ids = torch.arange(quantizer.codebook_size, device=quantizer.layers[0].codebook.device)
     return torch.stack([layer.dequantize(ids).float().cpu() for layer in quantizer.layers])  # [K, V, D]
+
+
+def codec_code_vectors(folder: str, token_info: dict[str, Any] | None) -> torch.Tensor:
+    """``acoustic_code_vectors`` of the SoundStream in ``folder/soundstream``, after checking that it is the
+    codec the shards were tokenized with (``token_info``'s acoustic id, when the shards record one)."""
+    from musiclm.checkpoint import CONFIG_FILE, artifact_id
+    from musiclm.tokenizers.backends import load_acoustic
+
+    codec_dir = os.path.join(folder, "soundstream")
+    if not os.path.isfile(os.path.join(codec_dir, CONFIG_FILE)):
+        raise ValueError(f"codec_init: no trained SoundStream in {codec_dir} (give the folder that holds soundstream/)")
+    recorded = ((token_info or {}).get("acoustic") or {}).get("ids", {}).get("soundstream")
+    found = artifact_id(codec_dir)
+    if recorded is not None and recorded != found:
+        raise ValueError(f"codec_init: {codec_dir} holds codec {found}, but the shards were tokenized with {recorded}")
+    return acoustic_code_vectors(load_acoustic(folder))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ LEARNERS: dict[str, str] = {
     "semantic": "musiclm.training.stage_learner:StageLearner",
     "coarse": "musiclm.training.stage_learner:StageLearner",
     "fine": "musiclm.training.stage_learner:StageLearner",
+    "pitch_probe": "musiclm.training.pitch_probe_learner:PitchProbeLearner",
 }
 
 # options every learner of that name gets (the three stages share one class)
@@ -47,6 +48,7 @@ SHARD_KINDS: dict[str, str] = {
     "semantic": TOKENS,
     "coarse": TOKENS,
     "fine": TOKENS,
+    "pitch_probe": TOKENS,  # coarse codes and the melody contour
 }
 
 # total optimizer steps when the user gives none; a learner class may override with a

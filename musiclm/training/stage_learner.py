@@ -93,18 +93,9 @@ def block_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, block: int,
 def _start_from_codec(model: StageTransformer, config: StageConfig, folder: str, token_info: dict[str, Any] | None,
                       seed: int) -> None:
     """``add_code_vectors`` from the SoundStream in ``folder``, after checking it is the shards' codec."""
-    from musiclm.checkpoint import CONFIG_FILE, artifact_id
-    from musiclm.tokenizers.backends import load_acoustic
-    from musiclm.training.code_embeddings import acoustic_code_vectors, add_code_vectors
+    from musiclm.training.code_embeddings import add_code_vectors, codec_code_vectors
 
-    codec_dir = os.path.join(folder, "soundstream")
-    if not os.path.isfile(os.path.join(codec_dir, CONFIG_FILE)):
-        raise ValueError(f"codec_init: no trained SoundStream in {codec_dir} (give the folder that holds soundstream/)")
-    recorded = ((token_info or {}).get("acoustic") or {}).get("ids", {}).get("soundstream")
-    found = artifact_id(codec_dir)
-    if recorded is not None and recorded != found:
-        raise ValueError(f"codec_init: {codec_dir} holds codec {found}, but the shards were tokenized with {recorded}")
-    add_code_vectors(model, config, acoustic_code_vectors(load_acoustic(folder)), seed=seed)
+    add_code_vectors(model, config, codec_code_vectors(folder, token_info), seed=seed)
 
 
 class StageLearner:

@@ -46,10 +46,15 @@ def test_spec_validation_names_the_field():
         (dict(rerank=True), "num_samples >= 2"),
         (dict(melody_tokens=np.zeros(5, int)), "melody_tokens must be"),
         (dict(melody_tokens=np.full((3, 2), 0.5)), "integer codes"),
+        (dict(pitch_guidance=-2.0), "pitch_guidance must be"),
+        (dict(pitch_guidance=5.0), "give a melody"),
     ]:
         args = {"segments": [Segment("x", 1.0)], **kwargs}
         with pytest.raises(ValueError, match=match):
             GenerationSpec(**args)
+    steered = GenerationSpec.single("x", 2.0, melody_contour=np.array([0, 5, 12]), pitch_guidance=8.0)
+    assert steered.sampling("coarse", 0.95).pitch_guidance == 8.0  # the coarse stage draws the pitch
+    assert steered.sampling("semantic", 1.0).pitch_guidance == steered.sampling("fine", 0.4).pitch_guidance == 0.0
     with pytest.raises(ValueError, match="seconds must be"):
         Segment("x", 0)
     with pytest.raises(ValueError, match="prompt"):

@@ -525,3 +525,26 @@ def test_frame_classes_with_cache_equal_recomputation_and_steer_the_draws():
     plain = StageTransformer(dataclasses.replace(cfg, frame_classes=0)).eval()
     with pytest.raises(ValueError, match="no frame conditioning"):
         sample(plain, prefix, 20, frames=frames)
+
+
+def test_a_logit_bias_sees_the_draws_so_far_and_steers_them(model):
+    prefix = torch.randint(0, 60, (2, 5))
+    uncond = prefix.clone()
+    uncond[:, :2] = 59
+    seen = []
+
+    def bias(i, drawn):  # favour token (previous + 1) % 48: a chain only the bias can make
+        seen.append(tuple(drawn.shape))
+        out = torch.zeros(2, 48)
+        if i:
+            out[torch.arange(2), (drawn[-1] + 1) % 48] = 1e4
+        return out
+
+    for options in ({"temperature": 1.0}, {"guidance_scale": 2.0, "uncond_prefix": uncond, "top_k": 5}):
+        a = sample(model, prefix, 12, logit_bias=bias, generator=torch.Generator().manual_seed(1), **options)
+        assert seen[:3] == [(0, 2), (1, 2), (2, 2)]  # draw i sees the i tokens before it
+        seen.clear()
+        b = sample_without_cache(model, prefix, 12, logit_bias=bias, generator=torch.Generator().manual_seed(1), **options)
+        seen.clear()
+        assert torch.equal(a, b)
+        assert torch.equal(a[:, 1:], (a[:, :-1] + 1) % 48)

@@ -241,3 +241,40 @@ def test_the_contour_conditions_a_window_position_by_position(stages):
     plain_model, plain_cfg = stages["coarse"]
     with pytest.raises(ValueError, match="trained without the melody contour"):
         coarse_window(plain_model, plain_cfg, m, sem, empty, GREEDY, contour=contour)
+
+
+def test_pitch_guidance_steers_the_coarse_draws_toward_the_contour(stages):
+    from musiclm.models.pitch_probe import PitchProbe, PitchProbeConfig
+
+    model, cfg = contour_stage()
+    # a probe that reads the pitch class off level 0's code: code c plays class c % 12
+    probe = PitchProbe(PitchProbeConfig(levels=4, codebook_size=1024, latent_dim=12, hidden=12))
+    probe.code_vectors.zero_()
+    probe.code_vectors[0] = torch.eye(12)[torch.arange(1024) % 12] * 10.0
+    with torch.no_grad():
+        for level in range(4):
+            probe.hidden[level].weight.copy_(torch.eye(12))
+            probe.hidden[level].bias.zero_()
+            probe.out[level].weight.copy_(torch.eye(12))
+            probe.out[level].bias.zero_()
+    m, sem = mulan(2), np.random.default_rng(1).integers(0, 1024, (2, 5))
+    contour = np.array([[0, 3, 12, 7, 7], [11, 11, 2, 2, 12]])
+    empty = np.zeros((2, 4, 0), np.int64)
+    steered = Sampling(1.0, pitch_guidance=20.0)
+    codes = coarse_window(model, cfg, m, sem, empty, steered, seeds=[(0, 0, 0), (0, 1, 0)], contour=contour,
+                          pitch_probe=probe)  # [2, 4, 10]
+    target = np.repeat(contour, 2, axis=1)  # [2, 10]: the class of each acoustic frame
+    pitched = target < 12
+    assert np.array_equal(codes[:, 0][pitched] % 12, target[pitched])  # level 0 plays the contour's class
+    plain = coarse_window(model, cfg, m, sem, empty, Sampling(1.0), seeds=[(0, 0, 0), (0, 1, 0)], contour=contour)
+    assert np.mean(plain[:, 0][pitched] % 12 == target[pitched]) < 0.5
+    # continuing from a prefix steers by the same frames as the whole window did
+    tail = coarse_window(model, cfg, m, sem, codes[:, :, :4], steered, seeds=[(0, 0, 0), (0, 1, 0)],
+                         contour=contour, pitch_probe=probe)
+    assert np.array_equal(tail[:, 0][pitched[:, 4:]] % 12, target[:, 4:][pitched[:, 4:]])
+    with pytest.raises(ValueError, match="needs the melody contour and a pitch probe"):
+        coarse_window(model, cfg, m, sem, empty, steered, contour=contour)
+    with pytest.raises(ValueError, match="needs the melody contour and a pitch probe"):
+        coarse_window(model, cfg, m, sem, empty, steered, pitch_probe=probe)
+    with pytest.raises(ValueError, match="pitch_guidance must be"):
+        Sampling(1.0, pitch_guidance=-1.0)

@@ -141,6 +141,7 @@ def test_generate_story_with_a_melody_and_reranked_samples(capsys, tmp_path, ran
     (["calm", "--rerank"], "rerank needs num_samples"),
     (["calm", "--melody", "nope.wav"], "no such file"),
     (["calm", "--report-melody"], "--report-melody needs --melody"),
+    (["calm", "--pitch-guidance", "5"], "--pitch-guidance steers toward a melody"),
 ])
 def test_generate_refuses_bad_flags_in_one_line(capsys, random_system, argv, message):
     code, _, err = run(capsys, "generate", *argv, "--checkpoints", str(random_system))

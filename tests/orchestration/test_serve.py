@@ -293,6 +293,9 @@ def test_melody_upload_conditions_and_is_checked(server):
         ({"request": json.dumps({"prompt": "x", "seconds": 9})}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "seconds"),
         ({}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "request"),
         ({"request": request}, {}, 422, "melody"),
+        # this system has no pitch probe (checkpoints/pitch_probe) to steer with
+        ({"request": json.dumps({"prompt": "x", "seconds": 0.2, "pitch_guidance": 5})}, {"melody": ("hum.wav", wav, "audio/wav")},
+         422, "pitch_guidance"),
     ]
     for data, files, status, field in cases:
         response = server.post("/generate/melody", data=data, files=files or {"other": ("x", b"x")})
@@ -300,6 +303,8 @@ def test_melody_upload_conditions_and_is_checked(server):
         assert response.json()["error"]["field"] == field
     response = server.post("/generate/melody", json={"prompt": "x", "seconds": 1})
     assert response.status_code == 415 and response.json()["error"]["field"] == "content-type"
+    response = server.post("/generate", json={"prompt": "x", "seconds": 0.2, "pitch_guidance": 5})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "pitch_guidance"  # no melody
 
 
 @pytest.mark.parametrize(

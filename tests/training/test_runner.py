@@ -135,7 +135,8 @@ def test_refuses_a_checkpoint_of_another_preset(tmp_path, toy_shards):
 
 
 def test_registry_names_every_component():
-    assert set(registry.LEARNERS) == {"soundstream", "w2vbert", "mulan", "melody", "semantic", "coarse", "fine"}
+    assert set(registry.LEARNERS) == {"soundstream", "w2vbert", "mulan", "melody", "semantic", "coarse", "fine",
+                                      "pitch_probe"}
     assert registry.required_shard_kind("coarse") == "tokens"
     assert registry.required_shard_kind("mulan") == "audio"
     with pytest.raises(ValueError, match="unknown component"):
