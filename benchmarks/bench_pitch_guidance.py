@@ -92,14 +92,14 @@ def main() -> None:
     for sample in samples:
         frames = np.asarray(sample["acoustic"]).shape[0]
         random_codes = np.stack([rng.choice(V, frames, p=histogram[q]) for q in range(Kc)])  # [Kc, F]
-        outputs = {"random codes": lambda: cascade.decode(torch.as_tensor(random_codes[None])),
-                   "without the melody": lambda: generate(sample, False, 0.0),
-                   "with the melody": lambda: generate(sample, True, 0.0)}
-        for w in weights:
-            outputs[f"+ pitch guidance {w:g}"] = lambda w=w: generate(sample, True, w)
-        for name, make in outputs.items():
+        runs = [("random codes", None, 0.0), ("without the melody", False, 0.0), ("with the melody", True, 0.0)]
+        runs += [(f"+ pitch guidance {w:g}", True, w) for w in weights]
+        for name, melody, weight in runs:
             start = time.perf_counter()
-            wav = make()
+            if melody is None:
+                wav = cascade.decode(torch.as_tensor(random_codes[None]))
+            else:
+                wav = generate(sample, melody, weight)
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
             rows.setdefault(name, []).append(melody_adherence(sample["audio"], wav))
         print(f"  {sample['__key__']}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)

@@ -129,7 +129,7 @@ def test_json_schema_documents_the_fields():
     schema = GenerateRequest.model_json_schema()
     assert set(schema["properties"]) == {
         "prompt", "story", "seconds", "seed", "num_samples", "top_k", "top_p", "guidance_scale", "temperatures",
-        "rerank", "stream",
+        "rerank", "stream", "pitch_guidance",
     }
     assert "required" not in schema  # prompt-or-story is checked by the model, and named in the error
     assert schema["additionalProperties"] is False
