@@ -112,6 +112,9 @@ class MusicLMService:
         if request.pitch_guidance:
             if melody_contour is None:
                 raise ClientError(422, "pitch_guidance", "pitch_guidance steers toward a melody: upload one")
+            if not configs["coarse"].contour:
+                raise ClientError(422, "pitch_guidance", "the coarse stage was trained without the melody contour "
+                                                         "(--option contour=true), so it cannot be steered")
             if not await self.handles["coarse"].has_pitch_probe.remote():
                 raise ClientError(422, "pitch_guidance", "this deployment has no pitch probe (checkpoints/pitch_probe; "
                                                          "`musiclm train pitch_probe`)")

@@ -293,7 +293,7 @@ def test_melody_upload_conditions_and_is_checked(server):
         ({"request": json.dumps({"prompt": "x", "seconds": 9})}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "seconds"),
         ({}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "request"),
         ({"request": request}, {}, 422, "melody"),
-        # this system has no pitch probe (checkpoints/pitch_probe) to steer with
+        # this system has neither a pitch probe (checkpoints/pitch_probe) nor a coarse stage trained with the contour
         ({"request": json.dumps({"prompt": "x", "seconds": 0.2, "pitch_guidance": 5})}, {"melody": ("hum.wav", wav, "audio/wav")},
          422, "pitch_guidance"),
     ]

@@ -177,7 +177,7 @@ def test_melody_upload_and_streaming(site, browser, tmp_path):
     browser.find_element(By.ID, "melody").send_keys(str(path))
     state = _generate(browser)
     assert state["duration"] == pytest.approx(0.2, abs=0.01) and state["painted"] > 0
-    # pitch guidance goes up with the melody; this system has no pitch probe: the 422 names the field
+    # pitch guidance goes up with the melody; this system cannot be steered (no probe): the 422 names the field
     browser.find_element(By.ID, "pitch-guidance").clear()
     browser.find_element(By.ID, "pitch-guidance").send_keys("10")
     state = _generate(browser, expect_error=True)
