@@ -194,7 +194,9 @@ class _Stage(_ModelReplica):
         if self.stage == "coarse" and (self.root / "pitch_probe").is_dir():
             from musiclm.training.pitch_probe_learner import load_pitch_probe
 
-            self.extra["pitch_probe"] = load_pitch_probe(self.root / "pitch_probe", device=self.device)
+            folder = self.root / "pitch_probe"
+            self.extra["pitch_probe"] = load_pitch_probe(folder, device=self.device)
+            self.artifacts["pitch_probe"] = {"id": artifact_id(folder), "preset": read_artifact_config(folder)["preset"]}
         self.generate = self.batched(self._generate)
 
     def _generate(self, rows: list[dict[str, Any]]) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ FRAME = SAMPLE_RATE // 25  # audio samples per 40-ms semantic frame
 @pytest.fixture(scope="session")
 def tiny_system(tmp_path_factory) -> Path:
     """A complete system checkpoint folder of untrained ``tiny`` models, melody tokenizer included."""
-    return save_random_system(tmp_path_factory.mktemp("system"), "tiny", melody=True)
+    return save_random_system(tmp_path_factory.mktemp("system"), "tiny", melody=True, pitch_probe=True)
 
 
 def _free_port() -> int:
@@ -164,7 +164,7 @@ def test_health_reports_every_stage(server):
     assert health["stages"] == {name: True for name in COMPONENTS}
     assert health["preset"] == "tiny"
     assert set(health["checkpoints"]) == {"mulan", "mulan_rvq", "melody", "melody_rvq", "semantic", "coarse",
-                                          "fine", "soundstream"}
+                                          "fine", "soundstream", "pitch_probe"}
     assert health["checkpoints"]["fine"].startswith("fine:tiny:")
     assert health["token_rates"]["acoustic_frame_rate"] == 50 and health["token_rates"]["acoustic_codebooks"] == 12
     assert health["max_seconds"] == MAX_SECONDS and health["queue"]["max_queued_requests"] == MAX_QUEUED
@@ -280,6 +280,10 @@ def test_melody_upload_conditions_and_is_checked(server):
     other = server.post("/generate/melody", data={"request": request},
                         files={"melody": ("hum.flac", _audio_file("FLAC", 2.0), "audio/flac")})
     assert other.status_code == 200 and other.content != response.content
+    # pitch guidance: the coarse deployment's probe steers the draws (the same request otherwise)
+    steered = json.dumps({"prompt": "hummed tune", "seconds": 0.2, "seed": 1, "pitch_guidance": 30})
+    guided = server.post("/generate/melody", data={"request": steered}, files=files)
+    assert _wav(guided).shape == (1, 5 * FRAME) and guided.content != response.content
 
     wav = _audio_file("WAV")
     cases = [
@@ -293,9 +297,6 @@ def test_melody_upload_conditions_and_is_checked(server):
         ({"request": json.dumps({"prompt": "x", "seconds": 9})}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "seconds"),
         ({}, {"melody": ("hum.wav", wav, "audio/wav")}, 422, "request"),
         ({"request": request}, {}, 422, "melody"),
-        # this system has neither a pitch probe (checkpoints/pitch_probe) nor a coarse stage trained with the contour
-        ({"request": json.dumps({"prompt": "x", "seconds": 0.2, "pitch_guidance": 5})}, {"melody": ("hum.wav", wav, "audio/wav")},
-         422, "pitch_guidance"),
     ]
     for data, files, status, field in cases:
         response = server.post("/generate/melody", data=data, files=files or {"other": ("x", b"x")})
