@@ -299,11 +299,9 @@ class Cascade:
         # the conditioner and the codec run once per request: they stay on the CPU
         conditioner = backends.load_conditioner(root, preset=preset)
         codec = backends.load_acoustic(root, preset=preset)
-        probe = None
-        if (root / "pitch_probe").is_dir():  # optional (``musiclm train pitch_probe``)
-            from musiclm.training.pitch_probe_learner import load_pitch_probe
+        from musiclm.training.pitch_probe_learner import load_pitch_probe_in
 
-            probe = load_pitch_probe(root / "pitch_probe", device=_device(stages["coarse"].model))
+        probe = load_pitch_probe_in(root, device=_device(stages["coarse"].model))  # optional: None without one
         return cls(stages["semantic"], stages["coarse"], stages["fine"], conditioner, codec, probe)
 
     def generate_tokens(

@@ -142,6 +142,7 @@ def pitch_bias(probe: Any, cfg: StageConfig, contour: torch.Tensor, done: int, w
                          f"the coarse stage draws {Kc} of {r.acoustic_codebook_size}")
     offsets = [layout.acoustic_offsets[q] for q in range(Kc)]
     vectors = probe.code_vectors.to(contour.device)  # [Kc, V, D]
+    projections = [probe.code_projections(q) for q in range(Kc)]  # Kc x [V, H], once per window, not per token
 
     def bias(i: int, drawn: torch.Tensor) -> torch.Tensor:  # drawn [i, B] ids
         q, frame = i % Kc, done + i // Kc
@@ -149,7 +150,7 @@ def pitch_bias(probe: Any, cfg: StageConfig, contour: torch.Tensor, done: int, w
         latent = vectors.new_zeros(target.shape[0], vectors.shape[2])  # [B, D]: the frame's levels < q
         for level in range(q):
             latent = latent + vectors[level][drawn[i - q + level] - offsets[level]]
-        log_probs = probe.candidate_log_probs(latent, q, target.clamp(max=PITCH_CLASSES - 1))  # [B, V]
+        log_probs = probe.candidate_log_probs(latent, q, target.clamp(max=PITCH_CLASSES - 1), projections[q])  # [B, V]
         return weight * log_probs * (target < PITCH_CLASSES).to(log_probs.dtype)[:, None]
 
     return bias

@@ -72,12 +72,19 @@ class PitchProbe(nn.Module):
         x = (latent - self.mean[level]) / self.std[level]
         return self.out[level](torch.relu(self.hidden[level](x)))
 
-    def candidate_log_probs(self, latent: torch.Tensor, level: int, target: torch.Tensor) -> torch.Tensor:
+    def code_projections(self, level: int) -> torch.Tensor:
+        """``W1 v[level, c]`` for every code c, ``[V, H]``: what each candidate adds to the hidden layer
+        (compute it once per window and pass it to ``candidate_log_probs``)."""
+        return (self.code_vectors[level] / self.std[level]) @ self.hidden[level].weight.T
+
+    def candidate_log_probs(self, latent: torch.Tensor, level: int, target: torch.Tensor,
+                            per_code: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(target | latent + v[level, c])`` for every code c: ``latent [B, D]`` (levels < ``level``
-        of the frame), ``target [B]`` pitch classes -> ``[B, codebook_size]``."""
+        of the frame), ``target [B]`` pitch classes -> ``[B, codebook_size]``; ``per_code``:
+        ``code_projections(level)`` when the caller keeps it."""
         hidden, std = self.hidden[level], self.std[level]
         base = hidden((latent - self.mean[level]) / std)  # [B, H]: W1 z + b
-        per_code = (self.code_vectors[level] / std) @ hidden.weight.T  # [V, H]: W1 v[q, c]
+        per_code = self.code_projections(level) if per_code is None else per_code  # [V, H]
         h = torch.relu(base[:, None, :] + per_code[None])  # [B, V, H]
         log_probs = self.out[level](h).log_softmax(-1)  # [B, V, classes]
         return log_probs.gather(2, target.long().view(-1, 1, 1).expand(-1, log_probs.shape[1], 1))[..., 0]

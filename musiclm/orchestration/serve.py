@@ -191,12 +191,14 @@ class _Stage(_ModelReplica):
         self.window = {"semantic": windows.semantic_window, "coarse": windows.coarse_window,
                        "fine": windows.fine_window}[self.stage]
         self.extra: dict[str, Any] = {}  # the coarse stage's optional pitch probe (a request's pitch_guidance)
-        if self.stage == "coarse" and (self.root / "pitch_probe").is_dir():
-            from musiclm.training.pitch_probe_learner import load_pitch_probe
+        if self.stage == "coarse":
+            from musiclm.training.pitch_probe_learner import load_pitch_probe_in
 
-            folder = self.root / "pitch_probe"
-            self.extra["pitch_probe"] = load_pitch_probe(folder, device=self.device)
-            self.artifacts["pitch_probe"] = {"id": artifact_id(folder), "preset": read_artifact_config(folder)["preset"]}
+            probe = load_pitch_probe_in(self.root, device=self.device)
+            if probe is not None:
+                folder = self.root / "pitch_probe"
+                self.extra["pitch_probe"] = probe
+                self.artifacts["pitch_probe"] = {"id": artifact_id(folder), "preset": read_artifact_config(folder)["preset"]}
         self.generate = self.batched(self._generate)
 
     def _generate(self, rows: list[dict[str, Any]]) -> list[np.ndarray]:

@@ -149,3 +149,11 @@ def load_pitch_probe(path: str, device: str | torch.device = "cpu") -> PitchProb
     module = PitchProbe(config_from_dict(PitchProbeConfig, document["config"]))
     load_weights(module, weights, path)
     return module.to(device).eval()
+
+
+def load_pitch_probe_in(ckpt_dir: Any, device: str | torch.device = "cpu") -> PitchProbe | None:
+    """``ckpt_dir/pitch_probe`` loaded (``load_pitch_probe``), or None when the folder has none (it is optional)."""
+    from pathlib import Path
+
+    folder = Path(ckpt_dir) / "pitch_probe"
+    return load_pitch_probe(str(folder), device) if folder.is_dir() else None
